@@ -1,0 +1,437 @@
+"""Configuration: one frozen settings object read from a TOML file and RELAY_* variables.
+
+One job: turn the TOML file (`--config PATH` or RELAY_CONFIG) plus environment overrides
+(`RELAY_<SECTION>__<KEY>`, nested sections joined by `__`) into validated, typed settings, or a
+ConfigError listing every invalid field with its path and a plain reason. Secrets are SecretStr
+and may come from `*_file` keys (systemd credentials, Docker secrets); they never appear in a
+repr or in `render()`. Reads only the config and secret files; no other I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from relay.errors import ConfigError
+
+# --- value types -------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> float:
+    """'90s', '1m', '1h30m', '5d' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '30s', '1m', '1h' or '5d'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        elif text and re.fullmatch(rf"(?:{_DURATION.pattern}\s*)+", text):
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION.findall(text))
+        else:
+            raise ValueError(f"{value!r} is not a duration such as '30s', '1m', '1h' or '5d'")
+    else:
+        raise ValueError("expected a duration such as '30s', '1m', '1h' or '5d'")
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("w", "d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """'127.0.0.1:2525', '[::1]:2525' or 'relay.lan:25' -> (host, port)."""
+    text = value.strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{value!r}: write IPv6 addresses as '[::1]:2525'")
+        ipaddress.IPv6Address(host.split("%", 1)[0])
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{value!r} is not host:port (for example '0.0.0.0:25')")
+        if ":" in host:
+            raise ValueError(f"{value!r}: write IPv6 addresses in brackets, as '[::1]:2525'")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+def _check_host_port(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a 'host:port' string")
+    parse_host_port(value)
+    return value.strip()
+
+
+HostPort = Annotated[str, BeforeValidator(_check_host_port)]
+
+
+def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    text = value.strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            net = ipaddress.ip_network(text, strict=False)
+            host = text.split("/")[0]
+            raise ValueError(
+                f"{value!r} has host bits set: write {net} for the whole network "
+                f"or {host}/{net.max_prefixlen} for the one address"
+            ) from exc
+        raise ValueError(f"{value!r} is not an IP address or network (CIDR)") from exc
+
+
+def _to_path(value: object) -> object:
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        return Path(os.path.expandvars(value.strip()))
+    return value
+
+
+OptionalPath = Annotated[Path | None, BeforeValidator(_to_path)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+class SmtpSettings(_Section):
+    listen: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:2525"])
+    allow: list[str] = Field(default_factory=list)
+    hostname: str = Field(default_factory=socket.gethostname, min_length=1)
+    max_message_size: int = Field(default=36_700_160, ge=1024)
+    max_recipients: int = Field(default=500, ge=1, le=100_000)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one listen address is needed, e.g. '0.0.0.0:25'")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_fails_closed(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(
+                "no client network is allowed: list the devices' networks, "
+                'e.g. allow = ["192.168.1.0/24", "127.0.0.1/32"]'
+            )
+        return [str(parse_network(v)) for v in value]
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(parse_network(v) for v in self.allow)
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        return [parse_host_port(v) for v in self.listen]
+
+
+class SpoolSettings(_Section):
+    path: Path = Path("/var/spool/oauth-relay")
+
+
+class DeliverySettings(_Section):
+    max_age: Duration = 5 * 86400.0
+    concurrency: int = Field(default=3, ge=1, le=64)
+    retry_initial: Duration = 60.0
+    retry_max: Duration = 3600.0
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> DeliverySettings:
+        if self.retry_max < self.retry_initial:
+            raise ValueError("retry_max must not be shorter than retry_initial")
+        return self
+
+
+class OAuthSettings(_Section):
+    tenant_id: str = ""
+    client_id: str = ""
+    client_secret: SecretStr | None = None
+    client_secret_file: OptionalPath = None
+    certificate_file: OptionalPath = None
+    authority: str = "https://login.microsoftonline.com"
+    ca_file: OptionalPath = None
+    scope: str = "https://outlook.office365.com/.default"
+    timeout: Duration = 30.0
+
+    @field_validator("client_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value:
+            return None
+        return value
+
+    @field_validator("authority")
+    @classmethod
+    def _authority_https(cls, value: str) -> str:
+        if not value.startswith("https://"):
+            raise ValueError("must be an https:// URL such as https://login.microsoftonline.com")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _secret_from_file(self) -> OAuthSettings:
+        if self.client_secret_file is None:
+            return self
+        if self.client_secret is not None:
+            raise ValueError("set client_secret or client_secret_file, not both")
+        try:
+            secret = self.client_secret_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(
+                f"client_secret_file {str(self.client_secret_file)!r} cannot be read "
+                f"({exc.strerror})"
+            ) from None
+        if not secret:
+            raise ValueError(f"client_secret_file {str(self.client_secret_file)!r} is empty")
+        object.__setattr__(self, "client_secret", SecretStr(secret))
+        return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        """What is missing for the exchange-online upstream (empty list: usable)."""
+        found: list[tuple[str, str]] = []
+        if not self.tenant_id:
+            found.append(("tenant_id", "required: the Directory (tenant) ID of the tenant"))
+        if not self.client_id:
+            found.append(("client_id", "required: the Application (client) ID of the app"))
+        if self.client_secret is None and self.certificate_file is None:
+            found.append(
+                ("client_secret", "set client_secret, client_secret_file or certificate_file")
+            )
+        if self.client_secret is not None and self.certificate_file is not None:
+            found.append(("certificate_file", "set a client secret or a certificate, not both"))
+        if self.certificate_file is not None:
+            found.extend(_pem_problems(self.certificate_file))
+        if not self.scope.endswith("/.default"):
+            found.append(("scope", "app-only tokens need a scope ending in '/.default'"))
+        return found
+
+
+def _pem_problems(path: Path) -> list[tuple[str, str]]:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        return [("certificate_file", f"{str(path)!r} cannot be read ({exc.strerror})")]
+    missing = [
+        what
+        for what, marker in (
+            ("a certificate", "CERTIFICATE-----"),
+            ("a private key", "PRIVATE KEY-----"),
+        )
+        if marker not in text
+    ]
+    if missing:
+        return [("certificate_file", f"{str(path)!r} must hold {' and '.join(missing)} (PEM)")]
+    return []
+
+
+class UpstreamSettings(_Section):
+    kind: Literal["exchange-online", "maildir"] = "exchange-online"
+    host: str = "smtp.office365.com"
+    port: int = Field(default=587, ge=1, le=65535)
+    mailbox: str = ""
+    tls_ca_file: OptionalPath = None
+    path: OptionalPath = None
+    timeout: Duration = 60.0
+    oauth: OAuthSettings = Field(default_factory=OAuthSettings)
+
+    @model_validator(mode="after")
+    def _complete_for_kind(self) -> UpstreamSettings:
+        if self.kind == "maildir":
+            if self.path is None:
+                raise ValueError("kind = 'maildir' needs path: the folder delivered mail goes to")
+            return self
+        problems: list[tuple[str, str]] = []
+        if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", self.mailbox):
+            problems.append(
+                ("mailbox", "required: the mailbox the app sends as, e.g. relay@contoso.com")
+            )
+        problems.extend((f"oauth.{key}", reason) for key, reason in self.oauth.problems())
+        if problems:
+            raise ValueError("; ".join(f"{key}: {reason}" for key, reason in problems))
+        return self
+
+
+class MetricsSettings(_Section):
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_or_off(cls, value: str) -> str:
+        if value.strip():
+            parse_host_port(value)
+        return value.strip()
+
+
+class ServerSettings(_Section):
+    shutdown_grace: Duration = 20.0
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Built once, in cli.py, and handed out by section."""
+
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        case_sensitive=False,
+    )
+
+    smtp: SmtpSettings = Field(default_factory=lambda: SmtpSettings.model_validate({}))
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _settings_class(toml_file: Path | None) -> type[Settings]:
+    """A Settings subclass whose sources are: init values, environment, then the TOML file."""
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if toml_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            return tuple(sources)
+
+    return FileSettings
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read and validate the configuration (the file, then RELAY_* variables over it).
+
+    `path` None means RELAY_CONFIG, or no file at all. Raises ConfigError listing every problem.
+    """
+    if path is None and os.environ.get("RELAY_CONFIG"):
+        path = Path(os.environ["RELAY_CONFIG"])
+    if path is not None:
+        _check_toml(path)
+    try:
+        return _settings_class(path)()
+    except ValidationError as exc:
+        raise ConfigError(_problems(exc)) from None
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        with path.open("rb") as handle:
+            tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError([(str(path), "config file not found")]) from None
+    except OSError as exc:
+        raise ConfigError([(str(path), f"cannot read the config file ({exc.strerror})")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([(str(path), f"not valid TOML: {exc}")]) from None
+
+
+def _problems(exc: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        path = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling and section)"
+        if error["type"] == "value_error" and "; " in message and ": " in message:
+            for part in message.split("; "):
+                key, _, reason = part.partition(": ")
+                problems.append((f"{path}.{key}" if path else key, reason))
+            continue
+        problems.append((path or "(top level)", message))
+    return problems
+
+
+# --- showing -----------------------------------------------------------------------------------
+
+
+def render(settings: Settings) -> str:
+    """The effective configuration as TOML, with every secret masked."""
+    data = settings.model_dump(mode="json")
+    lines: list[str] = []
+    _render_table(lines, [], data)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _render_table(lines: list[str], prefix: list[str], table: dict[str, Any]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    if prefix and scalars:
+        lines.append(f"\n[{'.'.join(prefix)}]")
+    for key, value in scalars.items():
+        lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in tables.items():
+        _render_table(lines, [*prefix, key], value)
+
+
+def _toml_value(value: object) -> str:
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'

@@ -1,0 +1,282 @@
+"""SMTP ingress: accept mail from allowlisted clients and answer 250 only once it is spooled.
+
+One job: the aiosmtpd side of the relay, running on the daemon's own event loop. A client
+outside the allowlist gets `554 5.7.1` instead of a greeting and the connection is closed, so no
+command is ever accepted from it. The recipient limit is enforced at RCPT, the size limit while
+receiving (aiosmtpd's SIZE handling). A message is acknowledged only after `Spool.commit` has
+made it durable; any failure on the way answers `451 4.3.0` with no internal detail, and the
+detail is logged with the queue id. The spool commit runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay import replies
+from relay.metrics import Metrics
+from relay.model import QueueEntry, Recipient
+from relay.policy import Network, peer_allowed, recipient_limit_reached
+from relay.spool import Spool, new_queue_id
+
+log = logging.getLogger("relay.ingress")
+
+IDENT = "ESMTP oauth-relay"
+COMMAND_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class IngressLimits:
+    hostname: str
+    networks: Sequence[Network]
+    max_message_size: int
+    max_recipients: int
+
+
+def peer_host(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return ""
+
+
+def needs_smtputf8(envelope: Envelope, body: bytes) -> bool:
+    """A non-ASCII address, or raw UTF-8 in the header block, needs SMTPUTF8 upstream."""
+    if envelope.smtp_utf8:
+        return True
+    addresses = [envelope.mail_from or "", *envelope.rcpt_tos]
+    if not all(address.isascii() for address in addresses):
+        return True
+    header_end = body.find(b"\r\n\r\n")
+    return not body[: header_end if header_end >= 0 else len(body)].isascii()
+
+
+def unique(addresses: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(addresses))
+
+
+class RelayHandler:
+    """aiosmtpd handler hooks: recipient limit, spool commit, generic errors."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        limits: IngressLimits,
+        metrics: Metrics,
+        on_commit: Callable[[QueueEntry], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._spool = spool
+        self._limits = limits
+        self._metrics = metrics
+        self._on_commit = on_commit
+        self._clock = clock
+        self.draining = False
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if recipient_limit_reached(len(envelope.rcpt_tos), self._limits.max_recipients):
+            self._metrics.received.labels(result="too_many_recipients").inc()
+            return str(replies.TOO_MANY_RECIPIENTS)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return str(replies.RECIPIENT_OK)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        body = envelope.original_content or b""
+        if isinstance(envelope.content, bytes) and not body:
+            body = envelope.content
+        queue_id = new_queue_id(self._clock())
+        entry = QueueEntry(
+            queue_id=queue_id,
+            mail_from=envelope.mail_from or "",
+            recipients=tuple(Recipient(a) for a in unique(envelope.rcpt_tos)),
+            received_at=self._clock(),
+            size=len(body),
+            client=peer_host(session.peer),
+            helo=session.host_name or "",
+            smtputf8=needs_smtputf8(envelope, body),
+            eightbit=not body.isascii(),
+        )
+        try:
+            await asyncio.to_thread(self._spool.commit, entry, body)
+        except Exception:
+            log.exception("spool commit failed; answered 451", extra={"queue_id": queue_id})
+            self._metrics.received.labels(result="error").inc()
+            return str(replies.TEMPORARY_FAILURE)
+        self._metrics.received.labels(result="accepted").inc()
+        log.info(
+            "accepted from=<%s> rcpts=%d size=%d client=%s helo=%s",
+            entry.mail_from,
+            len(entry.recipients),
+            entry.size,
+            entry.client,
+            entry.helo,
+            extra={"queue_id": queue_id},
+        )
+        self._on_commit(entry)
+        if self.draining and server.transport is not None:
+            asyncio.get_running_loop().call_soon(server.transport.close)
+        return str(replies.queued(queue_id))
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %s: %s", type(error).__name__, error, exc_info=error)
+        self._metrics.received.labels(result="error").inc()
+        return str(replies.TEMPORARY_FAILURE)
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's protocol with the allowlist gate in front and a registry of open sessions."""
+
+    def __init__(self, handler: RelayHandler, limits: IngressLimits, sessions: SessionRegistry):
+        super().__init__(
+            handler,
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=limits.hostname,
+            ident=IDENT,
+            timeout=COMMAND_TIMEOUT,
+            loop=asyncio.get_running_loop(),
+        )
+        self._limits = limits
+        self._sessions = sessions
+        self._relay_handler = handler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first:
+            self._sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sessions.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        assert self.session is not None
+        client = peer_host(self.session.peer)
+        if not peer_allowed(client, self._limits.networks):
+            log.warning("refused client %s: not in smtp.allow", client or "(unknown)")
+            self._relay_handler._metrics.received.labels(result="refused_allowlist").inc()
+            await self.push(str(replies.ACCESS_DENIED))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    @property
+    def idle(self) -> bool:
+        """No transaction under way: the session can be closed without losing anything."""
+        return self.envelope is None or (
+            self.envelope.mail_from is None and not self.envelope.rcpt_tos
+        )
+
+    def say_goodbye(self) -> None:
+        """Shutdown: tell an idle client to come back later and close."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.SHUTTING_DOWN}\r\n".encode())
+            transport.close()
+
+
+class SessionRegistry:
+    """The open SMTP sessions, so shutdown can wait for them or close them."""
+
+    def __init__(self) -> None:
+        self._open: set[RelaySMTP] = set()
+        self._changed = asyncio.Event()
+
+    def add(self, session: RelaySMTP) -> None:
+        self._open.add(session)
+
+    def discard(self, session: RelaySMTP) -> None:
+        self._open.discard(session)
+        self._changed.set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def close_idle(self) -> None:
+        for session in list(self._open):
+            if session.idle:
+                session.say_goodbye()
+
+    def close_all(self) -> None:
+        for session in list(self._open):
+            session.say_goodbye()
+
+    async def wait_empty(self, within: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self._open:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return not self._open
+        return True
+
+
+class Ingress:
+    """All SMTP listeners of the daemon."""
+
+    def __init__(self, handler: RelayHandler, limits: IngressLimits) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.sessions = SessionRegistry()
+        self._servers: list[asyncio.Server] = []
+        self.bound: list[tuple[str, int]] = []
+
+    async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        for host, port in addresses:
+            server = await loop.create_server(
+                lambda: RelaySMTP(self.handler, self.limits, self.sessions), host, port
+            )
+            self._servers.append(server)
+            for sock in server.sockets:
+                name = sock.getsockname()
+                self.bound.append((str(name[0]), int(name[1])))
+
+    @property
+    def listening(self) -> bool:
+        return bool(self._servers) and all(s.is_serving() for s in self._servers)
+
+    def stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+
+    async def drain(self, grace: float) -> None:
+        """Close idle sessions now, let transactions finish within `grace`, then close all."""
+        self.handler.draining = True
+        self.stop_accepting()
+        self.sessions.close_idle()
+        if not await self.sessions.wait_empty(grace):
+            log.warning(
+                "closing %d SMTP sessions still open after the grace period", len(self.sessions)
+            )
+            self.sessions.close_all()
+            await self.sessions.wait_empty(2.0)
+        for server in self._servers:
+            await server.wait_closed()

@@ -1,0 +1,167 @@
+"""Prometheus metrics and the small HTTP endpoint that serves them.
+
+One job: declare every metric (prefix `relay_`, bounded labels: never an address or a queue id)
+and serve GET /metrics, /healthz (the process is up) and /readyz (listening and the spool
+writable) on the event loop. Queue depth per state is read from the spool at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from relay import __version__
+
+log = logging.getLogger("relay.metrics")
+
+
+class _QueueDepth(Collector):
+    def __init__(self, depth: Callable[[], Mapping[str, int]]) -> None:
+        self._depth = depth
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "relay_queue_messages", "Messages in the spool by state", labels=["state"]
+        )
+        try:
+            depth = self._depth()
+        except OSError:
+            depth = {}
+        for state, count in sorted(depth.items()):
+            family.add_metric([state], count)
+        yield family
+
+
+class Metrics:
+    """All of the relay's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created: noise
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter(
+            "relay_messages_received", "SMTP transactions by result", ["result"], registry=r
+        )
+        self.delivered = Counter(
+            "relay_messages_delivered", "Messages delivered to every recipient", registry=r
+        )
+        self.deferred = Counter(
+            "relay_messages_deferred", "Delivery attempts that left a message queued", registry=r
+        )
+        self.failed = Counter(
+            "relay_messages_failed", "Messages moved to failed/", ["reason"], registry=r
+        )
+        self.recipients = Counter("relay_recipients", "Recipient outcomes", ["outcome"], registry=r)
+        self.ambiguous = Counter(
+            "relay_delivery_ambiguous",
+            "Attempts whose outcome is unknown (connection lost after the data): a resend may "
+            "duplicate",
+            registry=r,
+        )
+        self.requeued_in_flight = Counter(
+            "relay_recovered_in_flight",
+            "Messages found in flight at start-up and queued again (possible duplicates)",
+            registry=r,
+        )
+        self.token_requests = Counter(
+            "relay_token_requests", "Access token requests by result", ["result"], registry=r
+        )
+        self.quarantined = Counter(
+            "relay_spool_quarantined", "Spool entries moved to corrupt/", registry=r
+        )
+        self.build_info = Gauge(
+            "relay_build_info", "Version of the running relay", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        for result in ("accepted", "refused_allowlist", "too_big", "too_many_recipients", "error"):
+            self.received.labels(result=result)
+        for outcome in ("delivered", "deferred", "failed"):
+            self.recipients.labels(outcome=outcome)
+
+    def watch_queue(self, depth: Callable[[], Mapping[str, int]]) -> None:
+        self.registry.register(_QueueDepth(depth))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --- the HTTP endpoint -------------------------------------------------------------------------
+
+_STATUS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class MetricsServer:
+    """GET /metrics, /healthz and /readyz over plain HTTP/1.0, on the daemon's event loop."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> None:
+        self._metrics = metrics
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readline(), timeout=10)
+            method, path = _request_line(request)
+            while (await asyncio.wait_for(reader.readline(), timeout=10)) not in (
+                b"\r\n",
+                b"\n",
+                b"",
+            ):
+                pass
+            status, body, ctype = self._respond(method, path)
+            head = (
+                f"HTTP/1.0 {status} {_STATUS[status]}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(head.encode() + (body if method != "HEAD" else b""))
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    def _respond(self, method: str, path: str) -> tuple[int, bytes, str]:
+        text = "text/plain; charset=utf-8"
+        if method not in ("GET", "HEAD"):
+            return 405, b"method not allowed\n", text
+        route = path.split("?", 1)[0]
+        if route == "/metrics":
+            return 200, self._metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+        if route == "/healthz":
+            return 200, b"ok\n", text
+        if route == "/readyz":
+            ready, reason = self._ready()
+            return (
+                (200, b"ready\n", text) if ready else (503, f"not ready: {reason}\n".encode(), text)
+            )
+        return 404, b"not found\n", text
+
+
+def _request_line(line: bytes) -> tuple[str, str]:
+    parts = line.decode("latin-1").split()
+    if len(parts) < 2:
+        raise ValueError("bad request line")
+    return parts[0].upper(), parts[1]

@@ -1,0 +1,109 @@
+"""Small operating-system helpers with a portable fallback.
+
+One job: keep POSIX-only calls (directory fsync, file modes, advisory locks) behind functions
+that do the right thing on Linux and degrade safely elsewhere (the Windows service comes
+later). Nothing here knows about mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+IS_POSIX = os.name == "posix"
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (creations, renames) durable. No-op where unsupported."""
+    if not IS_POSIX:
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Create `path` (which must not exist) readable by the owner only, write, fsync, close."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: Path) -> None:
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+
+
+def lock_exclusively(handle: IO[bytes]) -> bool:
+    """Take a non-blocking exclusive advisory lock on an open file; False if another holds it."""
+    if sys.platform == "win32":  # pragma: no cover - Windows service comes later
+        import msvcrt  # noqa: PLC0415 - Windows only
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl  # noqa: PLC0415 - POSIX only
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def unlink_quietly(path: Path) -> bool:
+    """Remove a file; False when it was already gone."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def install_stop_handlers(
+    loop: asyncio.AbstractEventLoop, on_signal: Callable[[str], None]
+) -> None:
+    """Call `on_signal(name)` on SIGTERM/SIGINT, from the event loop where supported."""
+    for name in ("SIGTERM", "SIGINT"):
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            loop.add_signal_handler(signum, on_signal, name)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - Windows
+            signal.signal(signum, _threadsafe_handler(loop, on_signal, name))
+
+
+def _threadsafe_handler(
+    loop: asyncio.AbstractEventLoop, on_signal: Callable[[str], None], name: str
+) -> Callable[[int, object], None]:
+    def handler(_signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(on_signal, name)
+
+    return handler
+
+
+def remove_stop_handlers(loop: asyncio.AbstractEventLoop) -> None:
+    for name in ("SIGTERM", "SIGINT"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.remove_signal_handler(signum)

@@ -1,0 +1,196 @@
+"""Decisions, as pure functions: who may connect, what an upstream outcome means, when to retry.
+
+One job: every decision the relay makes about a client or a delivery outcome. Imports no
+asyncio, socket or filesystem code; time and randomness are passed in, so every rule is tested
+from a table without sockets. The upstream adapter turns library exceptions into UpstreamError
+before they get here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from relay.errors import TokenError, UpstreamError, UpstreamTimeout
+from relay.replies import SmtpReply
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# --- who may connect ---------------------------------------------------------------------------
+
+
+def peer_allowed(address: str, networks: Sequence[Network]) -> bool:
+    """True when `address` lies in one of `networks`. Fails closed on anything unparseable."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
+def recipient_limit_reached(current: int, limit: int) -> bool:
+    """True when a message already has `limit` recipients and must refuse one more."""
+    return current >= limit
+
+
+# --- what an outcome means ---------------------------------------------------------------------
+
+
+class Stage(StrEnum):
+    """Where in an upstream session an outcome happened."""
+
+    CONNECT = "connect"
+    TLS = "tls"
+    AUTH = "auth"
+    MAIL = "mail"
+    RCPT = "rcpt"
+    DATA = "data"
+    EOD = "eod"  # the reply after the final "."
+
+
+class Verdict(StrEnum):
+    DELIVERED = "delivered"
+    DEFER = "defer"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    reply: SmtpReply
+    refresh_token: bool = False  # the token was refused: fetch a fresh one before the next AUTH
+    ambiguous: bool = False  # the upstream may have accepted the message (lost after the dot)
+    session_ok: bool = True  # the SMTP session can carry the next message
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One row of the reply classification table; the first matching row decides."""
+
+    verdict: Verdict
+    stages: frozenset[Stage] = frozenset()  # empty = any stage
+    code: int | None = None
+    enhanced_prefix: str = ""
+    code_class: int | None = None  # 4 or 5
+    refresh_token: bool = False
+    session_ok: bool = True
+    note: str = ""
+
+    def matches(self, stage: Stage, reply: SmtpReply) -> bool:
+        return (
+            (not self.stages or stage in self.stages)
+            and (self.code is None or reply.code == self.code)
+            and (self.code_class is None or reply.code // 100 == self.code_class)
+            and reply.enhanced.startswith(self.enhanced_prefix)
+        )
+
+
+SESSION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
+
+REPLY_RULES: tuple[Rule, ...] = (
+    Rule(Verdict.DEFER, code=421, session_ok=False, note="server closing the channel"),
+    Rule(
+        Verdict.DEFER,
+        stages=frozenset({Stage.AUTH}),
+        code=535,
+        refresh_token=True,
+        note="token refused: refresh once, keep the message queued",
+    ),
+    Rule(
+        Verdict.DEFER,
+        stages=SESSION_STAGES,
+        code_class=5,
+        session_ok=False,
+        note="session set-up refused: a configuration problem, not the message's fault",
+    ),
+    Rule(
+        Verdict.DEFER,
+        stages=frozenset({Stage.MAIL}),
+        code=530,
+        note="not authenticated: a relay or configuration bug, not the message's fault",
+    ),
+    Rule(
+        Verdict.DEFER,
+        stages=frozenset({Stage.RCPT}),
+        code=552,
+        note="RFC 5321 4.5.3.1.10: 552 on RCPT means too many recipients",
+    ),
+    Rule(Verdict.DEFER, code_class=4, note="temporary failure"),
+    Rule(Verdict.FAIL, code_class=5, note="permanent failure"),
+)
+
+
+def classify_reply(stage: Stage, reply: SmtpReply) -> Decision:
+    """Turn one upstream reply into a decision. Positive replies are DELIVERED."""
+    if reply.is_positive:
+        return Decision(Verdict.DELIVERED, reply)
+    for rule in REPLY_RULES:
+        if rule.matches(stage, reply):
+            return Decision(
+                rule.verdict, reply, refresh_token=rule.refresh_token, session_ok=rule.session_ok
+            )
+    return Decision(Verdict.DEFER, reply, session_ok=False)
+
+
+LOCAL_TIMEOUT = SmtpReply(451, "4.4.2", "upstream timed out")
+LOCAL_CONNECTION_LOST = SmtpReply(451, "4.4.2", "upstream connection lost")
+LOCAL_TOKEN_FAILURE = SmtpReply(451, "4.7.0", "could not obtain an access token")
+LOCAL_UNKNOWN = SmtpReply(451, "4.3.0", "unexpected error while delivering")
+
+
+def classify_error(error: BaseException, *, after_data_sent: bool = False) -> Decision:
+    """Turn a failed attempt (no usable reply) into a decision. Unknown errors are temporary.
+
+    `after_data_sent` marks a connection lost after the final dot was written: the upstream
+    may have accepted the message, so a resend may duplicate it.
+    """
+    if isinstance(error, UpstreamError) and error.reply is not None:
+        decision = classify_reply(_stage(error.stage), error.reply)
+        if decision.verdict is Verdict.DELIVERED:
+            return Decision(Verdict.DEFER, error.reply, session_ok=False)
+        return decision
+    if isinstance(error, TokenError):
+        return Decision(Verdict.DEFER, LOCAL_TOKEN_FAILURE, session_ok=False)
+    reply = LOCAL_TIMEOUT if isinstance(error, UpstreamTimeout | TimeoutError) else None
+    if reply is None:
+        reply = (
+            LOCAL_CONNECTION_LOST if isinstance(error, UpstreamError | OSError) else LOCAL_UNKNOWN
+        )
+    return Decision(Verdict.DEFER, reply, ambiguous=after_data_sent, session_ok=False)
+
+
+def _stage(name: str) -> Stage:
+    try:
+        return Stage(name)
+    except ValueError:
+        return Stage.CONNECT
+
+
+# --- when to retry -----------------------------------------------------------------------------
+
+JITTER = 0.2
+
+
+def retry_delay(attempts: int, initial: float, maximum: float, rand: float) -> float:
+    """Delay before the next try after `attempts` failed ones: doubling from `initial`, capped
+    at `maximum`, shortened by up to 20 % of jitter (`rand` in [0, 1)) so retries spread out."""
+    exponent = max(0, min(attempts - 1, 62))
+    base = min(maximum, initial * (2.0**exponent))
+    return base * (1.0 - JITTER * min(max(rand, 0.0), 1.0))
+
+
+def next_attempt(attempts: int, now: float, initial: float, maximum: float, rand: float) -> float:
+    """The wall-clock time of the next try."""
+    return now + retry_delay(attempts, initial, maximum, rand)
+
+
+def expired(received_at: float, now: float, max_age: float) -> bool:
+    """True when a message has been queued longer than `max_age` seconds."""
+    return now - received_at >= max_age

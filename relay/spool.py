@@ -1,0 +1,293 @@
+"""The durable queue on disk: the only code that reads or writes the spool directory.
+
+Layout (one filesystem): `data/<id>.eml` holds a message's raw bytes, written once and never
+changed; `<state>/<id>.json` holds its envelope and per-recipient state. The metadata file is the
+commit marker, and a message changes state only by an atomic rename of it between the state
+directories incoming/, active/, deferred/, failed/ and corrupt/. `tmp/` holds metadata being
+written. `commit()` returns only once body, metadata and both directory entries are fsynced.
+
+Recovery at start-up removes half-written files, requeues active/ (in flight when the process
+died) and quarantines anything unreadable in corrupt/, never deleting it. Every operation
+tolerates ENOENT where another worker or the CLI may have got there first.
+Synchronous by design: async callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import IO
+
+from relay.errors import CorruptEntry, SpoolError, SpoolLocked
+from relay.model import QueueEntry
+from relay.osutil import (
+    fsync_dir,
+    lock_exclusively,
+    make_private_dir,
+    unlink_quietly,
+    write_private_file,
+)
+
+log = logging.getLogger("relay.spool")
+
+_ID = re.compile(r"^[0-9A-F]{12,32}$")
+
+
+class State(StrEnum):
+    INCOMING = "incoming"
+    ACTIVE = "active"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    CORRUPT = "corrupt"
+
+
+QUEUED_STATES = (State.INCOMING, State.DEFERRED)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Time-ordered, unique, filename-safe: 11 hex digits of milliseconds + 6 random."""
+    millis = int((time.time() if now is None else now) * 1000)
+    return f"{millis:011X}{secrets.token_hex(3).upper()}"
+
+
+def valid_queue_id(queue_id: str) -> bool:
+    return bool(_ID.match(queue_id))
+
+
+@dataclass
+class RecoveryReport:
+    requeued: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    removed_partial: int = 0
+    queued: int = 0
+
+
+class Spool:
+    """A spool directory. Open it once per process; the daemon also takes its lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / "tmp"
+        self.data = root / "data"
+        self._lock_handle: IO[bytes] | None = None
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def open(self, *, lock: bool = False) -> None:
+        """Create the directories (mode 0700). With `lock`, refuse to share with another daemon."""
+        try:
+            for directory in (self.root, self.tmp, self.data, *(self.dir(s) for s in State)):
+                make_private_dir(directory)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directories under {self.root}: {exc}") from exc
+        if lock:
+            handle = (self.root / "lock").open("ab")
+            if not lock_exclusively(handle):
+                handle.close()
+                raise SpoolLocked(f"another oauth-relay daemon is using {self.root}")
+            self._lock_handle = handle
+
+    def close(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def dir(self, state: State) -> Path:
+        return self.root / state.value
+
+    def meta_path(self, state: State, queue_id: str) -> Path:
+        return self.dir(state) / f"{queue_id}.json"
+
+    def body_path(self, queue_id: str) -> Path:
+        return self.data / f"{queue_id}.eml"
+
+    def writable(self) -> bool:
+        """True when a file can be created in the spool right now (for /readyz)."""
+        probe = self.tmp / f".probe-{secrets.token_hex(4)}"
+        try:
+            write_private_file(probe, b"")
+        except OSError:
+            return False
+        unlink_quietly(probe)
+        return True
+
+    # --- accepting -----------------------------------------------------------------------------
+
+    def commit(self, entry: QueueEntry, body: bytes) -> None:
+        """Store a new message durably in incoming/. Returns only when it is on stable storage."""
+        queue_id = entry.queue_id
+        body_file = self.body_path(queue_id)
+        tmp_meta = self.tmp / f"{queue_id}.json"
+        try:
+            write_private_file(body_file, body)
+            fsync_dir(self.data)
+            write_private_file(tmp_meta, entry.dumps())
+            os.replace(tmp_meta, self.meta_path(State.INCOMING, queue_id))
+            fsync_dir(self.dir(State.INCOMING))
+        except OSError as exc:
+            unlink_quietly(tmp_meta)
+            unlink_quietly(body_file)
+            raise SpoolError(f"{queue_id}: commit failed: {exc}") from exc
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def ids(self, state: State) -> Iterator[str]:
+        """Queue ids with a metadata file in `state` (unsorted)."""
+        try:
+            with os.scandir(self.dir(state)) as entries:
+                for item in entries:
+                    name = item.name
+                    if name.endswith(".json") and valid_queue_id(name[:-5]):
+                        yield name[:-5]
+        except FileNotFoundError:
+            return
+
+    def load(self, state: State, queue_id: str) -> QueueEntry:
+        """Read one entry. FileNotFoundError if it moved; CorruptEntry if it cannot be parsed."""
+        raw = self.meta_path(state, queue_id).read_bytes()
+        try:
+            entry = QueueEntry.loads(raw)
+        except ValueError as exc:
+            raise CorruptEntry(queue_id, str(exc)) from None
+        if entry.queue_id != queue_id:
+            raise CorruptEntry(queue_id, f"metadata names another message ({entry.queue_id})")
+        return entry
+
+    def read_body(self, queue_id: str) -> bytes:
+        return self.body_path(queue_id).read_bytes()
+
+    def find(self, queue_id: str) -> State | None:
+        """The state a message is in now, or None."""
+        for state in State:
+            if self.meta_path(state, queue_id).exists():
+                return state
+        return None
+
+    def depth(self) -> dict[State, int]:
+        return {state: sum(1 for _ in self.ids(state)) for state in State}
+
+    # --- changing state ------------------------------------------------------------------------
+
+    def move(self, queue_id: str, src: State, dst: State) -> bool:
+        """Atomically move a message between states; False when it was no longer in `src`."""
+        try:
+            os.replace(self.meta_path(src, queue_id), self.meta_path(dst, queue_id))
+        except FileNotFoundError:
+            return False
+        fsync_dir(self.dir(dst))
+        return True
+
+    def claim(self, queue_id: str, src: State) -> bool:
+        """Take a queued message for delivery (src -> active); False if someone else did."""
+        return self.move(queue_id, src, State.ACTIVE)
+
+    def save(self, entry: QueueEntry, src: State, dst: State) -> None:
+        """Durably rewrite an entry's metadata in `src`, then move it to `dst`."""
+        tmp_meta = self.tmp / f"{entry.queue_id}.{secrets.token_hex(4)}.json"
+        try:
+            write_private_file(tmp_meta, entry.dumps())
+            os.replace(tmp_meta, self.meta_path(src, entry.queue_id))
+        except OSError as exc:
+            unlink_quietly(tmp_meta)
+            raise SpoolError(f"{entry.queue_id}: cannot save state: {exc}") from exc
+        if src is dst:
+            fsync_dir(self.dir(src))
+        else:
+            self.move(entry.queue_id, src, dst)
+
+    def remove(self, queue_id: str, state: State) -> None:
+        """Forget a finished message: metadata first (the commit marker), then the body."""
+        unlink_quietly(self.meta_path(state, queue_id))
+        fsync_dir(self.dir(state))
+        unlink_quietly(self.body_path(queue_id))
+
+    def quarantine(self, queue_id: str, state: State, reason: str) -> None:
+        """Move an unreadable message, metadata and body, to corrupt/. Never deletes."""
+        corrupt = self.dir(State.CORRUPT)
+        moved = False
+        for src, dst in (
+            (self.meta_path(state, queue_id), corrupt / f"{queue_id}.json"),
+            (self.body_path(queue_id), corrupt / f"{queue_id}.eml"),
+        ):
+            try:
+                os.replace(src, dst)
+                moved = True
+            except FileNotFoundError:
+                continue
+        if moved:
+            fsync_dir(corrupt)
+        log.error("quarantined in corrupt/: %s", reason, extra={"queue_id": queue_id})
+
+    # --- start-up ------------------------------------------------------------------------------
+
+    def recover(self) -> RecoveryReport:
+        """Make the spool consistent after a crash. Run before accepting or delivering."""
+        report = RecoveryReport()
+        report.removed_partial += self._clear_tmp()
+        for queue_id in list(self.ids(State.ACTIVE)):
+            if self.move(queue_id, State.ACTIVE, State.INCOMING):
+                report.requeued.append(queue_id)
+        self._quarantine_strays(report)
+        known: set[str] = set()
+        for state in (State.INCOMING, State.DEFERRED, State.FAILED):
+            for queue_id in list(self.ids(state)):
+                if self._check_entry(state, queue_id, report):
+                    known.add(queue_id)
+                    if state in QUEUED_STATES:
+                        report.queued += 1
+        report.removed_partial += self._remove_orphan_bodies(known)
+        return report
+
+    def _clear_tmp(self) -> int:
+        removed = 0
+        for item in self.tmp.iterdir():
+            if item.is_file() and unlink_quietly(item):
+                removed += 1
+        return removed
+
+    def _quarantine_strays(self, report: RecoveryReport) -> None:
+        """Files in state directories that are not `<id>.json` are set aside, not deleted."""
+        for state in (State.INCOMING, State.DEFERRED, State.FAILED):
+            for item in self.dir(state).iterdir():
+                name = item.name
+                if name.endswith(".json") and valid_queue_id(name[:-5]):
+                    continue
+                target = self.dir(State.CORRUPT) / f"stray-{state.value}-{name}"
+                os.replace(item, target)
+                report.quarantined.append(name)
+                log.error("stray file %s in %s/ moved to corrupt/", name, state.value)
+
+    def _check_entry(self, state: State, queue_id: str, report: RecoveryReport) -> bool:
+        try:
+            entry = self.load(state, queue_id)
+            size = self.body_path(queue_id).stat().st_size
+        except CorruptEntry as exc:
+            self.quarantine(queue_id, state, f"unreadable metadata: {exc.reason}")
+        except FileNotFoundError:
+            self.quarantine(queue_id, state, "message body is missing")
+        except OSError as exc:
+            self.quarantine(queue_id, state, f"cannot read: {exc}")
+        else:
+            if size == entry.size:
+                return True
+            self.quarantine(queue_id, state, f"body is {size} bytes, metadata says {entry.size}")
+        report.quarantined.append(queue_id)
+        return False
+
+    def _remove_orphan_bodies(self, known: set[str]) -> int:
+        """Bodies without metadata were never acknowledged (or already finished): remove."""
+        removed = 0
+        for item in self.data.iterdir():
+            queue_id = item.name.removesuffix(".eml")
+            if queue_id not in known and unlink_quietly(item):
+                removed += 1
+        if removed:
+            fsync_dir(self.data)
+        return removed

@@ -1,0 +1,181 @@
+"""Access tokens for Exchange Online from MSAL's client-credentials flow.
+
+One job: `await provider()` returns a bearer token for the configured app, from MSAL's own
+cache when it is still good (MSAL renews five minutes before expiry), so there is no token per
+message. MSAL is synchronous and its constructor does network I/O: both run in a worker thread,
+one request in flight at a time. Every failure becomes TokenError carrying the AADSTS code.
+Tokens, secrets and private keys never reach a log or a repr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import msal
+import requests
+from requests.adapters import HTTPAdapter
+
+from relay.config import OAuthSettings
+from relay.errors import TokenError
+
+if TYPE_CHECKING:
+    from requests.sessions import _Settings
+
+log = logging.getLogger("relay.tokens")
+
+
+class _PinnedCASession(requests.Session):
+    """A requests session that trusts exactly `ca_file`, whatever REQUESTS_CA_BUNDLE says.
+
+    requests lets REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE override a session's `verify`; a configured
+    CA bundle must win. Proxy variables are still honoured.
+    """
+
+    def __init__(self, ca_file: str) -> None:
+        super().__init__()
+        self._ca_file = ca_file
+        self.verify = ca_file
+
+    def merge_environment_settings(
+        self,
+        url: str | bytes | None,
+        proxies: MutableMapping[str, str] | None,
+        stream: bool | None,
+        verify: bool | str | None,
+        cert: str | tuple[str, str] | None,
+    ) -> _Settings:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        settings["verify"] = self._ca_file
+        return settings
+
+
+def _http_session(oauth: OAuthSettings) -> requests.Session:
+    session = (
+        _PinnedCASession(str(oauth.ca_file)) if oauth.ca_file is not None else requests.Session()
+    )
+    adapter = HTTPAdapter(max_retries=1)
+    session.mount("https://", adapter)
+    session.request = functools.partial(session.request, timeout=oauth.timeout)  # type: ignore[method-assign]
+    return session
+
+
+def _credential(oauth: OAuthSettings) -> str | dict[str, str]:
+    if oauth.certificate_file is not None:
+        pem = oauth.certificate_file.read_text(encoding="ascii")
+        return {
+            "private_key": _pem_blocks(pem, "PRIVATE KEY"),
+            "public_certificate": _pem_blocks(pem, "CERTIFICATE"),
+        }
+    if oauth.client_secret is None:
+        raise TokenError("no_credential", description="no client secret or certificate configured")
+    return oauth.client_secret.get_secret_value()
+
+
+def _pem_blocks(pem: str, kind: str) -> str:
+    """The PEM blocks of one kind ('CERTIFICATE' or 'PRIVATE KEY', any key algorithm)."""
+    blocks, current = [], []
+    for line in pem.splitlines():
+        if line.startswith("-----BEGIN") and kind in line:
+            current = [line]
+        elif current:
+            current.append(line)
+            if line.startswith("-----END"):
+                blocks.append("\n".join(current))
+                current = []
+    return "\n".join(blocks) + "\n"
+
+
+def token_error_from_result(result: dict[str, Any]) -> TokenError:
+    """MSAL's error dict -> TokenError; the AADSTS code comes from `error_codes`."""
+    codes = result.get("error_codes") or []
+    aadsts = int(codes[0]) if codes and str(codes[0]).isdigit() else None
+    description = str(result.get("error_description", "")).split("\r\n", 1)[0]
+    return TokenError(
+        str(result.get("error", "unknown_error")), aadsts=aadsts, description=description
+    )
+
+
+class MsalTokenProvider:
+    """`await provider()` -> access token. Shareable by all upstream sessions of one app."""
+
+    def __init__(self, oauth: OAuthSettings) -> None:
+        self._oauth = oauth
+        self._scopes = [oauth.scope]
+        self._app: msal.ConfidentialClientApplication | None = None
+        self._lock = asyncio.Lock()
+        self.expires_at: float = 0.0
+        self.acquisitions: dict[str, int] = {"ok": 0, "error": 0}
+
+    def __repr__(self) -> str:
+        oauth = self._oauth
+        return f"MsalTokenProvider(client_id={oauth.client_id!r}, tenant={oauth.tenant_id!r})"
+
+    async def __call__(self) -> str:
+        async with self._lock:
+            return await asyncio.to_thread(self._acquire)
+
+    async def invalidate(self) -> None:
+        """Drop cached access tokens so the next call asks Entra again (after a 535)."""
+        async with self._lock:
+            await asyncio.to_thread(self._drop_cached_tokens)
+
+    # --- worker-thread side --------------------------------------------------------------------
+
+    def _build_app(self) -> msal.ConfidentialClientApplication:
+        oauth = self._oauth
+        try:
+            return msal.ConfidentialClientApplication(
+                oauth.client_id,
+                client_credential=_credential(oauth),
+                authority=f"{oauth.authority}/{oauth.tenant_id}",
+                http_client=_http_session(oauth),
+                instance_discovery=_is_microsoft_host(oauth.authority),
+            )
+        except TokenError:
+            raise
+        except ValueError as exc:
+            text = str(exc)
+            aadsts = 90002 if "90002" in text or "tenant" in text.lower() else None
+            raise TokenError(
+                "invalid_authority", aadsts=aadsts, description=text.split("\n", 1)[0]
+            ) from None
+        except (requests.RequestException, msal.exceptions.MsalError, OSError) as exc:
+            raise TokenError("authority_unreachable", description=type(exc).__name__) from None
+
+    def _acquire(self) -> str:
+        if self._app is None:
+            self._app = self._build_app()
+        try:
+            result = self._app.acquire_token_for_client(scopes=self._scopes)
+        except (requests.RequestException, msal.exceptions.MsalError, ValueError, OSError) as exc:
+            self.acquisitions["error"] += 1
+            raise TokenError("token_endpoint_unreachable", description=type(exc).__name__) from None
+        if "access_token" not in result:
+            self.acquisitions["error"] += 1
+            error = token_error_from_result(result)
+            log.warning("token request refused: %s (AADSTS%s)", error.error, error.aadsts)
+            raise error
+        self.acquisitions["ok"] += 1
+        if result.get("token_source") == "identity_provider":
+            log.info("new access token obtained, valid for %ss", result.get("expires_in"))
+        self.expires_at = time.time() + float(result.get("expires_in", 0))
+        return str(result["access_token"])
+
+    def _drop_cached_tokens(self) -> None:
+        if self._app is None:
+            return
+        cache = self._app.token_cache
+        for item in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
+            cache.remove_at(item)
+        self.expires_at = 0.0
+
+
+def _is_microsoft_host(authority: str) -> bool:
+    """Instance discovery only makes sense for Microsoft's own clouds."""
+    host = authority.removeprefix("https://").split("/", 1)[0].lower()
+    return host.endswith((".microsoftonline.com", ".microsoftonline.us", ".chinacloudapi.cn"))

@@ -1,0 +1,278 @@
+"""Upstream sessions: where queued mail goes. One session carries many messages.
+
+One job: speak to one upstream and report, per recipient, the stage and reply that decided it.
+It decides nothing (policy.py does) and touches no spool state. Two kinds:
+- ExchangeOnlineUpstream: aiosmtplib to smtp.office365.com:587, STARTTLS required (TLS 1.2+,
+  certificate verified), AUTH XOAUTH2 with a token from the injected async token provider.
+- MaildirUpstream: the sandbox; writes each message into a Maildir folder.
+Library exceptions become UpstreamError(stage, detail, reply) here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from relay.errors import TokenError, UpstreamError, UpstreamTimeout
+from relay.model import QueueEntry
+from relay.osutil import fsync_dir, make_private_dir, write_private_file
+from relay.policy import Stage
+from relay.replies import SmtpReply
+
+TokenSource = Callable[[], Awaitable[str]]
+Outcomes = dict[str, tuple[Stage, SmtpReply]]
+
+NO_SMTPUTF8 = SmtpReply(554, "5.6.7", "upstream does not support SMTPUTF8 for a non-ASCII address")
+
+
+class UpstreamSession(Protocol):
+    usable: bool
+
+    async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
+        """Offer `body` to every pending recipient of `entry`; raise UpstreamError when the
+        session fails without a per-recipient answer."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Upstream(Protocol):
+    name: str
+
+    async def open(self) -> UpstreamSession: ...
+
+    async def token_refused(self) -> None:
+        """AUTH was refused: make the next session use fresh credentials (at most once per
+        credential)."""
+        ...
+
+
+# --- Exchange Online over SMTP -----------------------------------------------------------------
+
+
+def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verify the upstream's certificate and name; TLS 1.2 or newer."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _reply(exc: aiosmtplib.SMTPResponseException) -> SmtpReply:
+    code = exc.code if 200 <= exc.code <= 599 else 451
+    return SmtpReply.parse(code, exc.message)
+
+
+def _connect_error(exc: BaseException) -> UpstreamError:
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+        return UpstreamError("auth", "authentication refused", _reply(exc))
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError):
+        return UpstreamTimeout("connect", "timed out while connecting")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        stage = "tls" if "tls" in exc.message.lower() else "connect"
+        return UpstreamError(stage, "refused during session set-up", _reply(exc))
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return UpstreamError("tls", f"TLS failed: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPNotSupported) or "STARTTLS" in str(exc):
+        return UpstreamError("tls", "upstream does not offer STARTTLS")
+    if isinstance(exc, aiosmtplib.SMTPException) and "XOAUTH2" in str(exc):
+        return UpstreamError("auth", "upstream does not offer AUTH XOAUTH2")
+    return UpstreamError("connect", f"{type(exc).__name__}: {exc}")
+
+
+class ExchangeOnlineSession:
+    """One authenticated SMTP session; reusable until `usable` turns False."""
+
+    def __init__(self, client: aiosmtplib.SMTP, token: str | None) -> None:
+        self._client = client
+        self.token = token
+        self.usable = True
+        self._stage = "mail"
+
+    async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
+        pending = [r.address for r in entry.pending]
+        if entry.smtputf8 and not self._client.supports_extension("smtputf8"):
+            return {address: (Stage.MAIL, NO_SMTPUTF8) for address in pending}
+        options, encoding = self._mail_options(entry)
+        try:
+            return await self._transaction(entry.mail_from, pending, body, options, encoding)
+        except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError) as exc:
+            self.usable = False
+            raise UpstreamError(self._stage, f"connection lost: {exc}") from None
+        except (TimeoutError, aiosmtplib.SMTPTimeoutError):
+            self.usable = False
+            raise UpstreamTimeout(self._stage, "upstream stopped answering") from None
+
+    def _mail_options(self, entry: QueueEntry) -> tuple[list[str], str]:
+        options: list[str] = []
+        if self._client.supports_extension("size"):
+            options.append(f"SIZE={entry.size}")
+        if entry.eightbit and self._client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        if entry.smtputf8:
+            options.append("SMTPUTF8")
+            return options, "utf-8"
+        return options, "ascii"
+
+    async def _transaction(
+        self, sender: str, recipients: list[str], body: bytes, options: list[str], encoding: str
+    ) -> Outcomes:
+        client = self._client
+        self._stage = "mail"
+        try:
+            await client.mail(sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            await self._reset(exc)
+            return {address: (Stage.MAIL, _reply(exc)) for address in recipients}
+        outcomes: Outcomes = {}
+        accepted: list[str] = []
+        self._stage = "rcpt"
+        for address in recipients:
+            try:
+                await client.rcpt(address, encoding=encoding)
+                accepted.append(address)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                outcomes[address] = (Stage.RCPT, _reply(exc))
+                if exc.code == 421:
+                    self.usable = False
+                    return {a: outcomes.get(a, (Stage.RCPT, _reply(exc))) for a in recipients}
+        if not accepted:
+            await self._reset(None)
+            return outcomes
+        self._stage = "eod"
+        try:
+            response = await client.data(body if body.endswith(b"\r\n") else body + b"\r\n")
+        except aiosmtplib.SMTPDataError as exc:
+            await self._reset(exc)
+            reply = _reply(exc)
+            return {**outcomes, **{a: (Stage.EOD, reply) for a in accepted}}
+        reply = SmtpReply.parse(response.code, response.message)
+        return {**outcomes, **{a: (Stage.EOD, reply) for a in accepted}}
+
+    async def _reset(self, exc: aiosmtplib.SMTPResponseException | None) -> None:
+        if exc is not None and exc.code == 421:
+            self.usable = False
+            return
+        try:
+            await self._client.rset()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            self.usable = False
+
+    async def close(self) -> None:
+        self.usable = False
+        try:
+            await asyncio.wait_for(self._client.quit(), timeout=5)
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            self._client.close()
+
+
+class ExchangeOnlineUpstream:
+    """Opens authenticated sessions to Exchange Online (or anything that speaks like it)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        mailbox: str,
+        tokens: TokenSource,
+        invalidate: Callable[[], Awaitable[None]],
+        tls_context: ssl.SSLContext,
+        timeout: float,
+        local_hostname: str,
+        name: str = "exchange-online",
+    ) -> None:
+        self.name = name
+        self._host, self._port, self._mailbox = host, port, mailbox
+        self._tokens, self._invalidate = tokens, invalidate
+        self._tls, self._timeout, self._helo = tls_context, timeout, local_hostname
+        self._last_token: str | None = None
+        self._refreshed_for: str | None = None
+
+    async def _token(self) -> str:
+        token = await self._tokens()
+        self._last_token = token
+        return token
+
+    async def open(self) -> ExchangeOnlineSession:
+        client = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            username=self._mailbox,
+            oauth_token_generator=self._token,
+            start_tls=True,
+            tls_context=self._tls,
+            timeout=self._timeout,
+            local_hostname=self._helo,
+        )
+        try:
+            await client.connect()
+        except (Exception, asyncio.CancelledError) as exc:
+            client.close()
+            if isinstance(exc, asyncio.CancelledError | TokenError):
+                raise
+            raise _connect_error(exc) from None
+        return ExchangeOnlineSession(client, self._last_token)
+
+    async def token_refused(self) -> None:
+        token = self._last_token
+        if token is not None and token != self._refreshed_for:
+            self._refreshed_for = token
+            await self._invalidate()
+
+
+# --- the sandbox: a Maildir --------------------------------------------------------------------
+
+DELIVERED = SmtpReply(250, "2.0.0", "delivered to the sandbox maildir")
+
+
+class MaildirSession:
+    usable = True
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
+        await asyncio.to_thread(self._write, entry, body)
+        return {r.address: (Stage.EOD, DELIVERED) for r in entry.pending}
+
+    def _write(self, entry: QueueEntry, body: bytes) -> None:
+        trace = f"Return-Path: <{entry.mail_from}>\r\n".encode()
+        trace += b"".join(f"Delivered-To: {r.address}\r\n".encode() for r in entry.pending)
+        name = f"{time.time_ns()}.{os.getpid()}_{entry.queue_id}.{socket.gethostname()}"
+        tmp = self._root / "tmp" / name
+        write_private_file(tmp, trace + body)
+        os.replace(tmp, self._root / "new" / name)
+        fsync_dir(self._root / "new")
+
+    async def close(self) -> None:
+        return None
+
+
+class MaildirUpstream:
+    """The sandbox upstream: every message lands in `<path>/new/`, with its envelope in
+    Return-Path and Delivered-To lines, the way local delivery agents write them."""
+
+    def __init__(self, path: Path, name: str = "maildir") -> None:
+        self.name = name
+        self._root = path
+
+    async def open(self) -> MaildirSession:
+        try:
+            for sub in ("tmp", "new", "cur"):
+                make_private_dir(self._root / sub)
+        except OSError as exc:
+            raise UpstreamError("connect", f"cannot create the maildir: {exc}") from None
+        return MaildirSession(self._root)
+
+    async def token_refused(self) -> None:
+        return None
