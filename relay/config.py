@@ -28,6 +28,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -141,7 +142,7 @@ class _Section(BaseModel):
 
 class SmtpSettings(_Section):
     listen: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:2525"])
-    allow: list[str] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list, validate_default=True)
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
     max_message_size: int = Field(default=36_700_160, ge=1024)
     max_recipients: int = Field(default=500, ge=1, le=100_000)
@@ -291,7 +292,11 @@ class UpstreamSettings(_Section):
             )
         problems.extend((f"oauth.{key}", reason) for key, reason in self.oauth.problems())
         if problems:
-            raise ValueError("; ".join(f"{key}: {reason}" for key, reason in problems))
+            raise PydanticCustomError(
+                "incomplete_upstream",
+                "the exchange-online upstream is incomplete",
+                {"problems": problems},
+            )
         return self
 
 
@@ -326,7 +331,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    smtp: SmtpSettings = Field(default_factory=lambda: SmtpSettings.model_validate({}))
+    smtp: SmtpSettings = Field(default_factory=dict, validate_default=True)
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
@@ -393,9 +398,10 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
         message = str(error["msg"]).removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key (check its spelling and section)"
-        if error["type"] == "value_error" and "; " in message and ": " in message:
-            for part in message.split("; "):
-                key, _, reason = part.partition(": ")
+        if error["type"] == "missing":
+            message = "required, but missing from the config file and the environment"
+        if error["type"] == "incomplete_upstream":
+            for key, reason in error.get("ctx", {}).get("problems", []):
                 problems.append((f"{path}.{key}" if path else key, reason))
             continue
         problems.append((path or "(top level)", message))

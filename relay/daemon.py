@@ -138,6 +138,7 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         return True, ""
 
     metrics_server = MetricsServer(metrics, readiness)
+    host = ""
     if settings.metrics.listen:
         host, port = parse_host_port(settings.metrics.listen)
         running.metrics_port = await metrics_server.start(host, port)
@@ -146,9 +147,9 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         delivery.start()
         running.smtp = list(ingress.bound)
         log.info(
-            "ready: smtp on %s, metrics on %s, upstream %s, %d queued (%.2fs)",
-            ", ".join(f"{h}:{p}" for h, p in ingress.bound),
-            f"port {running.metrics_port}" if running.metrics_port else "off",
+            "ready: smtp=%s metrics=%s upstream=%s queued=%d startup=%.2fs",
+            ",".join(_join_host_port(h, p) for h, p in ingress.bound),
+            _join_host_port(host, running.metrics_port) if running.metrics_port else "off",
             settings.upstream.kind,
             queued,
             time.monotonic() - started,
@@ -164,3 +165,7 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         ingress.stop_accepting()
         await metrics_server.stop()
     log.info("stopped")
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -72,9 +72,10 @@ class Scheduler:
             return None
         return max(0.0, self._heap[0][0] - self._clock())
 
-    async def wait(self, limit: float | None = None) -> None:
-        """Return when something may be due: the earliest due time, a new item, or `limit`."""
-        delay = self.seconds_until_due()
+    async def wait(self, limit: float | None = None, *, ignore_due: bool = False) -> None:
+        """Return when something may be due (the earliest due time or a new item), or after
+        `limit` seconds. With `ignore_due`, only a new item or `limit` ends the wait."""
+        delay = None if ignore_due else self.seconds_until_due()
         if limit is not None:
             delay = limit if delay is None else min(delay, limit)
         if delay == 0:
@@ -173,35 +174,57 @@ class Delivery:
 
     async def _worker(self, number: int) -> None:
         session: UpstreamSession | None = None
+        last_used = 0.0
         try:
             while not self._stopping:
                 if session is not None and not session.usable:
                     await session.close()
                     session = None
-                item = self._next_item()
-                if item is None:
-                    if session is not None and self.scheduler.seconds_until_due() != 0:
-                        await self.scheduler.wait(IDLE_SESSION_SECONDS)
-                        if self.scheduler.seconds_until_due() != 0:
-                            await session.close()
-                            session = None
-                        continue
-                    await self.scheduler.wait(self._pause_left())
+                if self.paused:
+                    await self.scheduler.wait(self._pause_left(), ignore_due=True)
                     continue
-                session = await self._deliver_claimed(item, session)
+                item = self._next_item()
+                if item is not None:
+                    session = await self._deliver_guarded(item, session)
+                    last_used = time.monotonic()
+                elif session is None:
+                    await self.scheduler.wait()
+                elif (idle := time.monotonic() - last_used) >= IDLE_SESSION_SECONDS:
+                    await session.close()
+                    session = None
+                else:
+                    await self.scheduler.wait(IDLE_SESSION_SECONDS - idle)
         finally:
             if session is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(session.close())
 
-    def _pause_left(self) -> float | None:
-        left = self._paused_until - self._clock()
-        return left if left > 0 else None
+    def _pause_left(self) -> float:
+        return max(0.0, self._paused_until - self._clock())
 
     def _next_item(self) -> tuple[str, State] | None:
         if self._stopping or self.paused:
             return None
         return self.scheduler.pop_due()
+
+    async def _deliver_guarded(
+        self, item: tuple[str, State], session: UpstreamSession | None
+    ) -> UpstreamSession | None:
+        """Deliver one message; an unexpected error is logged and the message retried later,
+        and the worker lives on (a dead worker would stall the queue silently)."""
+        try:
+            return await self._deliver_claimed(item, session)
+        except Exception:
+            queue_id, _ = item
+            log.exception("unexpected delivery error; retrying later", extra={"queue_id": queue_id})
+            if await asyncio.to_thread(self._spool.move, queue_id, State.ACTIVE, State.INCOMING):
+                self.scheduler.add(
+                    queue_id, self._clock() + self._settings.retry_initial, State.INCOMING
+                )
+            if session is not None:
+                with contextlib.suppress(Exception):
+                    await session.close()
+            return None
 
     async def _deliver_claimed(
         self, item: tuple[str, State], session: UpstreamSession | None
@@ -311,9 +334,13 @@ class Delivery:
             await asyncio.to_thread(self._store, updated)
         except (SpoolError, OSError):
             log.exception(
-                "could not record the outcome; the message stays in active/ until restart",
+                "could not record the outcome; retrying the message later",
                 extra={"queue_id": entry.queue_id},
             )
+            if await asyncio.to_thread(
+                self._spool.move, entry.queue_id, State.ACTIVE, State.INCOMING
+            ):
+                self.scheduler.add(entry.queue_id, due, State.INCOMING)
             return
         self._count(updated, outcome)
         if not updated.done:

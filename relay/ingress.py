@@ -56,6 +56,15 @@ def needs_smtputf8(envelope: Envelope, body: bytes) -> bool:
     return not body[: header_end if header_end >= 0 else len(body)].isascii()
 
 
+def valid_utf8(address: str) -> bool:
+    """aiosmtpd keeps undecodable bytes as surrogates; such an address cannot be relayed."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
 
@@ -89,9 +98,20 @@ class RelayHandler:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not valid_utf8(address):
+            return str(replies.BAD_ADDRESS)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return str(replies.SENDER_OK)
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        if not valid_utf8(address):
+            return str(replies.BAD_ADDRESS)
         if recipient_limit_reached(len(envelope.rcpt_tos), self._limits.max_recipients):
             self._metrics.received.labels(result="too_many_recipients").inc()
             return str(replies.TOO_MANY_RECIPIENTS)

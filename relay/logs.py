@@ -88,10 +88,10 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "queue_id": getattr(record, "queue_id", "-"),
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         if record.exc_info:
-            event["exc"] = self.formatException(record.exc_info)
+            event["exc"] = redact(self.formatException(record.exc_info))
         return redact(json.dumps(event, ensure_ascii=False))
 
 

@@ -42,8 +42,11 @@ def write_private_file(path: Path, data: bytes) -> None:
             written = os.write(fd, view)
             view = view[written:]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        unlink_quietly(path)  # never leave a partial file behind
+        raise
+    os.close(fd)
 
 
 def make_private_dir(path: Path) -> None:

@@ -148,8 +148,9 @@ LOCAL_UNKNOWN = SmtpReply(451, "4.3.0", "unexpected error while delivering")
 def classify_error(error: BaseException, *, after_data_sent: bool = False) -> Decision:
     """Turn a failed attempt (no usable reply) into a decision. Unknown errors are temporary.
 
-    `after_data_sent` marks a connection lost after the final dot was written: the upstream
-    may have accepted the message, so a resend may duplicate it.
+    A connection lost or timed out while the data was being sent (`after_data_sent`, or an
+    UpstreamError at the EOD stage) is ambiguous: the upstream may have accepted the message,
+    so a resend may duplicate it.
     """
     if isinstance(error, UpstreamError) and error.reply is not None:
         decision = classify_reply(_stage(error.stage), error.reply)
@@ -163,7 +164,10 @@ def classify_error(error: BaseException, *, after_data_sent: bool = False) -> De
         reply = (
             LOCAL_CONNECTION_LOST if isinstance(error, UpstreamError | OSError) else LOCAL_UNKNOWN
         )
-    return Decision(Verdict.DEFER, reply, ambiguous=after_data_sent, session_ok=False)
+    lost_in_data = isinstance(error, UpstreamError) and error.stage == Stage.EOD
+    return Decision(
+        Verdict.DEFER, reply, ambiguous=after_data_sent or lost_in_data, session_ok=False
+    )
 
 
 def _stage(name: str) -> Stage:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
+_ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +23,7 @@ class SmtpReply:
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599:
             raise ValueError(f"SMTP reply code out of range: {self.code}")
-        if self.enhanced and not _ENHANCED.match(self.enhanced):
+        if self.enhanced and not _ENHANCED.fullmatch(self.enhanced):
             raise ValueError(f"malformed enhanced status code: {self.enhanced!r}")
 
     @property
@@ -51,7 +51,7 @@ class SmtpReply:
         """Build a reply from a code and the server's text, splitting off an enhanced code."""
         text = " ".join(message.split())
         first, _, rest = text.partition(" ")
-        if _ENHANCED.match(first) and first[0] == str(code)[0]:
+        if _ENHANCED.fullmatch(first) and first[0] == str(code)[0]:
             return cls(code, first, rest)
         return cls(code, "", text)
 
@@ -60,6 +60,7 @@ class SmtpReply:
 ACCESS_DENIED = SmtpReply(554, "5.7.1", "Access denied: this client may not relay here")
 SENDER_OK = SmtpReply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = SmtpReply(250, "2.1.5", "Recipient OK")
+BAD_ADDRESS = SmtpReply(553, "5.1.7", "The address is not valid UTF-8")
 TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TEMPORARY_FAILURE = SmtpReply(451, "4.3.0", "Temporary failure, please try again later")
@@ -75,6 +76,7 @@ INGRESS_REPLIES: tuple[SmtpReply, ...] = (
     ACCESS_DENIED,
     SENDER_OK,
     RECIPIENT_OK,
+    BAD_ADDRESS,
     TOO_MANY_RECIPIENTS,
     MESSAGE_TOO_BIG,
     TEMPORARY_FAILURE,

@@ -14,6 +14,7 @@ Synchronous by design: async callers run it in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -37,7 +38,7 @@ from relay.osutil import (
 
 log = logging.getLogger("relay.spool")
 
-_ID = re.compile(r"^[0-9A-F]{12,32}$")
+_ID = re.compile(r"[0-9A-F]{12,32}")
 
 
 class State(StrEnum):
@@ -58,7 +59,7 @@ def new_queue_id(now: float | None = None) -> str:
 
 
 def valid_queue_id(queue_id: str) -> bool:
-    return bool(_ID.match(queue_id))
+    return _ID.fullmatch(queue_id) is not None
 
 
 @dataclass
@@ -67,6 +68,12 @@ class RecoveryReport:
     quarantined: list[str] = field(default_factory=list)
     removed_partial: int = 0
     queued: int = 0
+
+
+def _write_new(path: Path, data: bytes, written: list[Path]) -> None:
+    """Create `path` exclusively and durably; remember it for clean-up only once created."""
+    write_private_file(path, data)
+    written.append(path)
 
 
 class Spool:
@@ -123,17 +130,19 @@ class Spool:
     def commit(self, entry: QueueEntry, body: bytes) -> None:
         """Store a new message durably in incoming/. Returns only when it is on stable storage."""
         queue_id = entry.queue_id
-        body_file = self.body_path(queue_id)
-        tmp_meta = self.tmp / f"{queue_id}.json"
+        written: list[Path] = []
         try:
-            write_private_file(body_file, body)
+            meta = entry.dumps()
+            _write_new(self.body_path(queue_id), body, written)
             fsync_dir(self.data)
-            write_private_file(tmp_meta, entry.dumps())
-            os.replace(tmp_meta, self.meta_path(State.INCOMING, queue_id))
+            _write_new(self.tmp / f"{queue_id}.json", meta, written)
+            os.replace(written[-1], self.meta_path(State.INCOMING, queue_id))
+            written[-1] = self.meta_path(State.INCOMING, queue_id)
             fsync_dir(self.dir(State.INCOMING))
-        except OSError as exc:
-            unlink_quietly(tmp_meta)
-            unlink_quietly(body_file)
+        except Exception as exc:
+            for path in reversed(written):  # only what this call created
+                with contextlib.suppress(OSError):
+                    path.unlink()
             raise SpoolError(f"{queue_id}: commit failed: {exc}") from exc
 
     # --- reading -------------------------------------------------------------------------------
@@ -254,7 +263,7 @@ class Spool:
 
     def _quarantine_strays(self, report: RecoveryReport) -> None:
         """Files in state directories that are not `<id>.json` are set aside, not deleted."""
-        for state in (State.INCOMING, State.DEFERRED, State.FAILED):
+        for state in (State.INCOMING, State.ACTIVE, State.DEFERRED, State.FAILED):
             for item in self.dir(state).iterdir():
                 name = item.name
                 if name.endswith(".json") and valid_queue_id(name[:-5]):

@@ -1,0 +1,275 @@
+"""End to end: the real daemon between smtplib and the fake Exchange Online / Entra ID."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import CLIENT_ID, MAILBOX, RelayFactory, exchange_config
+from tests.fakes.entra import FakeEntra
+from tests.fakes.exchange import FakeExchange
+from tests.fakes.pki import TestPKI
+from tests.relayproc import RelayProcess, queue_id_of, spool_meta, spool_state, wait_until
+
+MESSAGE = (
+    b"From: Relay <relay@contoso.com>\r\n"
+    b"To: Bob <bob@example.org>\r\n"
+    b"Subject: quarterly report\r\n"
+    b"Message-ID: <e2e-1@contoso.com>\r\n"
+    b"\r\n"
+    b"Hello Bob,\r\n"
+    b".a line that starts with a dot\r\n"
+    b"bye\r\n"
+)
+
+
+def test_message_arrives_with_same_envelope_and_bytes(
+    exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
+) -> None:
+    code, reply = exchange_relay.submit(MAILBOX, ["bob@example.org", "carol@example.net"], MESSAGE)
+    assert code == 250
+    queue_id = queue_id_of(reply)
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.mail_from == MAILBOX
+    assert received.rcpt_tos == ("bob@example.org", "carol@example.net")
+    assert received.data == MESSAGE
+    assert received.auth_user == MAILBOX
+    assert received.tls_version in ("TLSv1.2", "TLSv1.3")
+    wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
+    line = exchange_relay.wait_for_log(rf"\[{queue_id}\] to=<carol@example.net> delivered")
+    assert "250 2.0.0 OK <e2e-1@contoso.com>" in line
+    metrics = exchange_relay.metrics()
+    assert metrics['relay_messages_received_total{result="accepted"}'] == 1
+    assert metrics["relay_messages_delivered_total"] == 1
+
+
+def test_client_outside_allowlist_is_refused_and_nothing_spooled(
+    exchange_relay: RelayProcess, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.create_connection(
+        ("127.0.0.1", exchange_relay.smtp_port), timeout=10, source_address=("127.0.0.2", 0)
+    ) as sock:
+        greeting = sock.makefile("rb").readline()
+        assert greeting.startswith(b"554 5.7.1 ")
+        try:
+            sock.sendall(b"EHLO x\r\nMAIL FROM:<a@b.c>\r\n")
+            rest = sock.recv(1024)
+        except (ConnectionResetError, BrokenPipeError):
+            rest = b""  # closed after the 554: the expected outcome
+    assert b"250" not in rest
+    assert not list((tmp_path / "spool" / "incoming").iterdir())
+    assert not list((tmp_path / "spool" / "data").iterdir())
+    exchange_relay.wait_for_log(r"refused client 127\.0\.0\.2: not in smtp\.allow")
+    assert (
+        exchange_relay.metrics()['relay_messages_received_total{result="refused_allowlist"}'] == 1
+    )
+
+
+def test_wrong_secret_keeps_message_queued(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    relay_factory: RelayFactory,
+) -> None:
+    sections = exchange_config(
+        tmp_path, pki, entra, exchange, **{"upstream.oauth.client_secret": "wrong"}
+    )
+    relay = relay_factory(sections)
+    code, reply = relay.submit(MAILBOX, ["bob@example.org"], MESSAGE)
+    assert code == 250
+    queue_id = queue_id_of(reply)
+    relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred")
+    meta = spool_meta(tmp_path / "spool", queue_id)
+    assert spool_state(tmp_path / "spool", queue_id) in ("deferred", "active", "incoming")
+    assert meta["recipients"][0]["state"] == "pending"
+    assert any(r.result == "AADSTS7000215" for r in entra.token_requests)
+    assert "wrong" not in relay.log_text()
+    assert exchange.messages == []
+
+
+def _deliver_once(relay: RelayProcess, exchange: FakeExchange, data: bytes = MESSAGE) -> str:
+    code, reply = relay.submit(MAILBOX, ["bob@example.org"], data)
+    assert code == 250
+    return queue_id_of(reply)
+
+
+def test_expired_token_is_refreshed_once_and_message_retried(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    relay_factory: RelayFactory,
+) -> None:
+    """Exchange refuses the first token as expired (535 5.7.3): the relay drops it from MSAL's
+    cache, defers the message, and the next attempt uses a fresh token."""
+    refused: list[str] = []
+
+    def validate(token: str) -> dict[str, object]:
+        if not refused:
+            refused.append(token)
+            raise ValueError("token expired")
+        return entra.validate_access_token(token)
+
+    exchange._validate_token = validate  # the fake takes its validator at construction
+    relay = relay_factory(exchange_config(tmp_path, pki, entra, exchange))
+    queue_id = _deliver_once(relay, exchange)
+    relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred .*535 5\.7\.3")
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.rcpt_tos == ("bob@example.org",)
+    ok_requests = [r for r in entra.token_requests if r.result == "ok"]
+    assert len(ok_requests) == 2, "exactly one refresh after the 535"
+    wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
+
+
+def test_upstream_4xx_defers_then_delivers(
+    exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
+) -> None:
+    exchange.inject(
+        "eod", "451 4.7.500 Server busy. Please try again later from [127.0.0.1]. (S77714)"
+    )
+    queue_id = _deliver_once(exchange_relay, exchange)
+    exchange_relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred .*451 4\.7\.500")
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.data == MESSAGE
+    wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
+    assert exchange_relay.metrics()["relay_messages_deferred_total"] == 1
+
+
+def test_upstream_5xx_moves_message_to_failed_with_reply(
+    exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
+) -> None:
+    """A sender the mailbox may not send as: Exchange answers 554 5.2.252 after the data."""
+    data = MESSAGE.replace(b"From: Relay <relay@contoso.com>", b"From: <noreply@contoso.com>")
+    code, reply = exchange_relay.submit("noreply@contoso.com", ["bob@example.org"], data)
+    assert code == 250
+    queue_id = queue_id_of(reply)
+    spool = tmp_path / "spool"
+    wait_until(lambda: spool_state(spool, queue_id) == "failed", 20, "message in failed/")
+    meta = spool_meta(spool, queue_id)
+    [rcpt] = meta["recipients"]
+    assert rcpt["state"] == "failed"
+    assert rcpt["reply"].startswith("554 5.2.252 SendAsDenied;")
+    assert meta["history"][-1]["outcome"] == "failed"
+    assert exchange.messages == []
+    assert exchange_relay.metrics()['relay_messages_failed_total{reason="rejected"}'] == 1
+
+
+def test_connection_dropped_mid_data_is_retried(
+    exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
+) -> None:
+    exchange.drop_connection_mid_data()
+    queue_id = _deliver_once(exchange_relay, exchange)
+    exchange_relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred")
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.data == MESSAGE
+    wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
+
+
+def test_connection_lost_after_final_dot_is_resent_and_counted(
+    exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
+) -> None:
+    """The upstream stored the message but the reply never came: the relay cannot know, so it
+    resends (a duplicate) and counts the ambiguous attempt."""
+    exchange.drop_after_eod(delivered=True)
+    queue_id = _deliver_once(exchange_relay, exchange)
+    exchange_relay.wait_for_log(rf"\[{queue_id}\] outcome unknown")
+    received = exchange.wait_for_messages(2, timeout=20)
+    assert [m.data for m in received] == [MESSAGE, MESSAGE]
+    wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
+    assert exchange_relay.metrics()["relay_delivery_ambiguous_total"] == 1
+
+
+def test_partial_recipient_refusal_never_resends_to_accepted(
+    exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
+) -> None:
+    exchange.inject(
+        "rcpt", "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found", rcpt="gone@example.org"
+    )
+    exchange.inject("rcpt", "452 4.5.3 Too many recipients", rcpt="later@example.org")
+    rcpts = ["bob@example.org", "gone@example.org", "later@example.org"]
+    code, reply = exchange_relay.submit(MAILBOX, rcpts, MESSAGE)
+    assert code == 250
+    queue_id = queue_id_of(reply)
+    spool = tmp_path / "spool"
+    wait_until(lambda: spool_state(spool, queue_id) == "failed", 20, "message in failed/")
+    received = exchange.wait_for_messages(2, timeout=20)
+    assert [m.rcpt_tos for m in received] == [("bob@example.org",), ("later@example.org",)]
+    states = {
+        r["address"]: (r["state"], r["reply"][:9])
+        for r in spool_meta(spool, queue_id)["recipients"]
+    }
+    assert states == {
+        "bob@example.org": ("delivered", "250 2.0.0"),
+        "gone@example.org": ("failed", "550 5.1.1"),
+        "later@example.org": ("delivered", "250 2.0.0"),
+    }
+
+
+def test_non_ascii_address_and_headers_arrive_intact(
+    exchange_relay: RelayProcess, exchange: FakeExchange
+) -> None:
+    exchange.add_mailbox(MAILBOX, send_as=["jürgen@contoso.com"])
+    data = (
+        "From: Jürgen Müller <jürgen@contoso.com>\r\nTo: <zoë@example.org>\r\n"
+        "Subject: Grüße aus Köln\r\n\r\nSchöne Grüße\r\n"
+    ).encode()
+    code, _ = exchange_relay.submit(
+        "jürgen@contoso.com", ["zoë@example.org"], data, mail_options=["SMTPUTF8"]
+    )
+    assert code == 250
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.mail_from == "jürgen@contoso.com"
+    assert received.rcpt_tos == ("zoë@example.org",)
+    assert received.data == data
+    assert "SMTPUTF8" in [o.upper() for o in received.mail_options]
+    assert "BODY=8BITMIME" in [o.upper() for o in received.mail_options]
+
+
+def test_raw_8bit_body_without_declaration_passes_with_8bitmime(
+    exchange_relay: RelayProcess, exchange: FakeExchange
+) -> None:
+    data = MESSAGE.replace(b"Hello Bob,", "Grüße, Bob".encode("latin-1"))
+    _deliver_once(exchange_relay, exchange, data)
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.data == data
+    assert "BODY=8BITMIME" in [o.upper() for o in received.mail_options]
+
+
+def test_certificate_credential_delivers(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    relay_factory: RelayFactory,
+) -> None:
+    certificate = pki.make_client_certificate("oauth-relay")
+    entra.register_app(CLIENT_ID, certificate=certificate)
+    sections = exchange_config(
+        tmp_path,
+        pki,
+        entra,
+        exchange,
+        **{
+            "upstream.oauth.client_secret": None,
+            "upstream.oauth.certificate_file": str(certificate.pem_file),
+        },
+    )
+    relay = relay_factory(sections)
+    _deliver_once(relay, exchange)
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.rcpt_tos == ("bob@example.org",)
+    [request] = [r for r in entra.token_requests if r.result == "ok"]
+    assert request.auth_method == "assertion"
+    assert "PRIVATE KEY" not in relay.log_text()
+
+
+def test_many_messages_share_one_authenticated_session(
+    exchange_relay: RelayProcess, exchange: FakeExchange
+) -> None:
+    for n in range(6):
+        _deliver_once(exchange_relay, exchange, MESSAGE.replace(b"e2e-1@", f"e2e-s{n}@".encode()))
+    exchange.wait_for_messages(6, timeout=20)
+    assert exchange.auth_ok <= 3, "no more sessions than delivery.concurrency"
+    assert len([r for r in exchange_relay.metrics() if r.startswith("relay_token")]) >= 1
