@@ -108,7 +108,6 @@ class Delivery:
         self.scheduler = Scheduler(clock)
         self._workers: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._in_flight: set[str] = set()
         self._paused_until = 0.0
         self._session_failures = 0
 
@@ -159,12 +158,16 @@ class Delivery:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-        requeued = 0
-        for queue_id in list(self._in_flight):
-            if await asyncio.to_thread(self._spool.move, queue_id, State.ACTIVE, State.INCOMING):
-                requeued += 1
+        requeued = await asyncio.to_thread(self._requeue_active)
         if requeued:
             log.warning("requeued %d messages still in flight at shutdown", requeued)
+
+    def _requeue_active(self) -> int:
+        """Everything left in active/ is ours (the spool is locked) and unfinished."""
+        return sum(
+            self._spool.move(queue_id, State.ACTIVE, State.INCOMING)
+            for queue_id in list(self._spool.ids(State.ACTIVE))
+        )
 
     @property
     def paused(self) -> bool:
@@ -232,22 +235,18 @@ class Delivery:
         queue_id, state = item
         if not await asyncio.to_thread(self._spool.claim, queue_id, state):
             return session  # gone: delivered, deleted or claimed by someone else
-        self._in_flight.add(queue_id)
-        try:
-            entry = await self._load_active(queue_id)
-            if entry is None:
-                return session
-            if session is None:
-                try:
-                    session = await self._upstream.open()
-                except Exception as exc:
-                    await self._session_failed(entry, exc)
-                    return None
-                self._session_failures = 0
-            await self._attempt(entry, session)
+        entry = await self._load_active(queue_id)
+        if entry is None:
             return session
-        finally:
-            self._in_flight.discard(queue_id)
+        if session is None:
+            try:
+                session = await self._upstream.open()
+            except Exception as exc:
+                await self._session_failed(entry, exc)
+                return None
+            self._session_failures = 0
+        await self._attempt(entry, session)
+        return session
 
     async def _load_active(self, queue_id: str) -> QueueEntry | None:
         try:
