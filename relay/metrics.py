@@ -2,7 +2,8 @@
 
 One job: declare every metric (prefix `relay_`, bounded labels: never an address or a queue id)
 and serve GET /metrics, /healthz (the process is up) and /readyz (listening and the spool
-writable) on the event loop. Queue depth per state is read from the spool at scrape time.
+writable). Queue depth per state is read from the spool at scrape time, in a worker thread so
+a large queue never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ class MetricsServer:
                 b"",
             ):
                 pass
-            status, body, ctype = self._respond(method, path)
+            # off the event loop: the queue depth and the spool probe touch the disk
+            status, body, ctype = await asyncio.to_thread(self._respond, method, path)
             head = (
                 f"HTTP/1.0 {status} {_STATUS[status]}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
