@@ -133,6 +133,11 @@ def _to_path(value: object) -> object:
 OptionalPath = Annotated[Path | None, BeforeValidator(_to_path)]
 
 
+def _field_problem(key: str, reason: str) -> PydanticCustomError:
+    """A model-level problem reported at the path of one of its fields."""
+    return PydanticCustomError("field_problems", reason, {"problems": [(key, reason)]})
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -218,16 +223,18 @@ class OAuthSettings(_Section):
         if self.client_secret_file is None:
             return self
         if self.client_secret is not None:
-            raise ValueError("set client_secret or client_secret_file, not both")
+            raise _field_problem(
+                "client_secret_file", "set client_secret or client_secret_file, not both"
+            )
         try:
             secret = self.client_secret_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            raise ValueError(
-                f"client_secret_file {str(self.client_secret_file)!r} cannot be read "
-                f"({exc.strerror})"
+            raise _field_problem(
+                "client_secret_file",
+                f"{str(self.client_secret_file)!r} cannot be read ({exc.strerror})",
             ) from None
         if not secret:
-            raise ValueError(f"client_secret_file {str(self.client_secret_file)!r} is empty")
+            raise _field_problem("client_secret_file", f"{str(self.client_secret_file)!r} is empty")
         object.__setattr__(self, "client_secret", SecretStr(secret))
         return self
 
@@ -293,7 +300,7 @@ class UpstreamSettings(_Section):
         problems.extend((f"oauth.{key}", reason) for key, reason in self.oauth.problems())
         if problems:
             raise PydanticCustomError(
-                "incomplete_upstream",
+                "field_problems",
                 "the exchange-online upstream is incomplete",
                 {"problems": problems},
             )
@@ -400,7 +407,7 @@ def _problems(exc: ValidationError) -> list[tuple[str, str]]:
             message = "unknown key (check its spelling and section)"
         if error["type"] == "missing":
             message = "required, but missing from the config file and the environment"
-        if error["type"] == "incomplete_upstream":
+        if error["type"] == "field_problems":
             for key, reason in error.get("ctx", {}).get("problems", []):
                 problems.append((f"{path}.{key}" if path else key, reason))
             continue

@@ -3,6 +3,7 @@ second signal, exit codes."""
 
 from __future__ import annotations
 
+import os
 import signal
 import smtplib
 import subprocess
@@ -165,3 +166,20 @@ def test_check_config_on_the_sandbox_and_version(tmp_path: Path) -> None:
     version = _run_cli("--version", cwd=tmp_path)
     assert version.returncode == 0
     assert version.stdout.startswith("oauth-relay ")
+
+
+def test_example_config_is_valid_once_its_secret_file_exists(tmp_path: Path) -> None:
+    secret = tmp_path / "client_secret"
+    secret.write_text("value-from-the-portal\n", encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", str(REPO / "config" / "example.toml")],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RELAY_UPSTREAM__OAUTH__CLIENT_SECRET_FILE": str(secret)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'client_secret = "**********"' in result.stdout
+    assert "value-from-the-portal" not in result.stdout + result.stderr

@@ -239,7 +239,7 @@ def test_secret_and_secret_file_together_is_an_error(tmp_path: Path) -> None:
         f'client_secret_file = "{tmp_path / "secret"}"\n',
     )
     assert problems_of(path) == [
-        ("upstream.oauth", "set client_secret or client_secret_file, not both")
+        ("upstream.oauth.client_secret_file", "set client_secret or client_secret_file, not both")
     ]
 
 
@@ -251,8 +251,8 @@ def test_unreadable_and_empty_secret_files(tmp_path: Path) -> None:
     )
     assert problems_of(path) == [
         (
-            "upstream.oauth",
-            f"client_secret_file {str(missing)!r} cannot be read (No such file or directory)",
+            "upstream.oauth.client_secret_file",
+            f"{str(missing)!r} cannot be read (No such file or directory)",
         )
     ]
     (tmp_path / "empty").write_text("\n\n", encoding="utf-8")
@@ -262,7 +262,7 @@ def test_unreadable_and_empty_secret_files(tmp_path: Path) -> None:
         f'client_secret_file = "{tmp_path / "empty"}"\n',
     )
     assert problems_of(path) == [
-        ("upstream.oauth", f"client_secret_file {str(tmp_path / 'empty')!r} is empty")
+        ("upstream.oauth.client_secret_file", f"{str(tmp_path / 'empty')!r} is empty")
     ]
 
 
