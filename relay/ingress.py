@@ -2,10 +2,11 @@
 
 One job: the aiosmtpd side of the relay, running on the daemon's own event loop. A client
 outside the allowlist gets `554 5.7.1` instead of a greeting and the connection is closed, so no
-command is ever accepted from it. The recipient limit is enforced at RCPT, the size limit while
-receiving (aiosmtpd's SIZE handling). A message is acknowledged only after `Spool.commit` has
-made it durable; any failure on the way answers `451 4.3.0` with no internal detail, and the
-detail is logged with the queue id. The spool commit runs in a worker thread.
+command is ever accepted from it. The recipient limit is enforced at RCPT; the size limit at
+MAIL (SIZE=) and on the received body, while aiosmtpd stops storing past a hard cap. A message
+is acknowledged only after `Spool.commit` has made it durable; any failure on the way answers
+`451 4.3.0` with no internal detail, and the detail is logged with the queue id. The spool
+commit runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ def needs_smtputf8(envelope: Envelope, body: bytes) -> bool:
     return not body[: header_end if header_end >= 0 else len(body)].isascii()
 
 
+def declared_size(options: Sequence[str]) -> int:
+    """The SIZE= a client declared at MAIL (RFC 1870), 0 when absent."""
+    for option in options:
+        key, _, value = option.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+def receive_cap(max_message_size: int) -> int:
+    """aiosmtpd's own hard limit while receiving. It counts dot-stuffed bytes on the wire
+    (RFC 1870 says they do not count), so it gets slack; the relay's exact limit is checked on
+    the unstuffed body, with the relay's own reply."""
+    return max_message_size + max_message_size // 2 + 65536
+
+
 def valid_utf8(address: str) -> bool:
     """aiosmtpd keeps undecodable bytes as surrogates; such an address cannot be relayed."""
     try:
@@ -96,13 +113,18 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        size = f"250-SIZE {self._limits.max_message_size}"
+        advertised = [size if line.startswith("250-SIZE") else line for line in responses[:-1]]
+        return [*advertised, "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if not valid_utf8(address):
             return str(replies.BAD_ADDRESS)
+        if declared_size(options) > self._limits.max_message_size:
+            self._metrics.received.labels(result="too_big").inc()
+            return str(replies.MESSAGE_TOO_BIG)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(replies.SENDER_OK)
@@ -123,6 +145,9 @@ class RelayHandler:
         body = envelope.original_content or b""
         if isinstance(envelope.content, bytes) and not body:
             body = envelope.content
+        if len(body) > self._limits.max_message_size:
+            self._metrics.received.labels(result="too_big").inc()
+            return str(replies.MESSAGE_TOO_BIG)
         queue_id = new_queue_id(self._clock())
         entry = QueueEntry(
             queue_id=queue_id,
@@ -151,7 +176,10 @@ class RelayHandler:
             entry.helo,
             extra={"queue_id": queue_id},
         )
-        self._on_commit(entry)
+        try:
+            self._on_commit(entry)
+        except Exception:  # the message is safe in incoming/; the next start schedules it
+            log.exception("could not schedule the message", extra={"queue_id": queue_id})
         if self.draining and server.transport is not None:
             asyncio.get_running_loop().call_soon(server.transport.close)
         return str(replies.queued(queue_id))
@@ -168,7 +196,7 @@ class RelaySMTP(SMTP):
     def __init__(self, handler: RelayHandler, limits: IngressLimits, sessions: SessionRegistry):
         super().__init__(
             handler,
-            data_size_limit=limits.max_message_size,
+            data_size_limit=receive_cap(limits.max_message_size),
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=limits.hostname,
