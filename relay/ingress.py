@@ -30,6 +30,8 @@ log = logging.getLogger("relay.ingress")
 
 IDENT = "ESMTP oauth-relay"
 COMMAND_TIMEOUT = 300.0
+REFUSED_COMMANDS = 5  # lines answered after a 554 greeting before the connection is closed
+REFUSED_WAIT = 10.0  # seconds to wait for each of them
 
 
 @dataclass(frozen=True)
@@ -225,10 +227,25 @@ class RelaySMTP(SMTP):
             log.warning("refused client %s: not in smtp.allow", client or "(unknown)")
             self._relay_handler._metrics.received.labels(result="refused_allowlist").inc()
             await self.push(str(replies.ACCESS_DENIED))
+            await self._refuse_until_quit()
             if self.transport is not None:
                 self.transport.close()
             return
         await super()._handle_client()
+
+    async def _refuse_until_quit(self) -> None:
+        """RFC 5321 3.1: after a 554 greeting, answer 503 until QUIT (a few lines, briefly)."""
+        for _ in range(REFUSED_COMMANDS):
+            try:
+                line = await asyncio.wait_for(self._reader.readline(), REFUSED_WAIT)
+            except (TimeoutError, ValueError, ConnectionError):
+                return
+            if not line:
+                return
+            if line.strip().upper() == b"QUIT":
+                await self.push(str(replies.BYE))
+                return
+            await self.push(str(replies.REFUSED_SESSION))
 
     @property
     def idle(self) -> bool:

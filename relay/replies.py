@@ -58,6 +58,8 @@ class SmtpReply:
 
 # --- Replies the ingress sends (RFC 5321 codes, RFC 3463 enhanced codes) ---
 ACCESS_DENIED = SmtpReply(554, "5.7.1", "Access denied: this client may not relay here")
+REFUSED_SESSION = SmtpReply(503, "5.7.1", "Access denied, send QUIT")
+BYE = SmtpReply(221, "2.0.0", "Bye")
 SENDER_OK = SmtpReply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = SmtpReply(250, "2.1.5", "Recipient OK")
 BAD_ADDRESS = SmtpReply(553, "5.1.7", "The address is not valid UTF-8")
@@ -74,6 +76,8 @@ def queued(queue_id: str) -> SmtpReply:
 
 INGRESS_REPLIES: tuple[SmtpReply, ...] = (
     ACCESS_DENIED,
+    REFUSED_SESSION,
+    BYE,
     SENDER_OK,
     RECIPIENT_OK,
     BAD_ADDRESS,

@@ -416,7 +416,13 @@ async def test_client_outside_allowlist_gets_554_and_is_closed(
     relay = await start_relay(networks=[LOCALHOST])
     outsider = await open_raw(relay.port, OUTSIDER)
     assert await off_loop(outsider.line) == str(replies.ACCESS_DENIED)
-    assert await off_loop(outsider.rest) == b""  # closed: no greeting, no command accepted
+    # RFC 5321 3.1: after a 554 greeting, every command but QUIT gets 503, then we close
+    assert await off_loop(outsider.command, b"EHLO x\r\n") == [str(replies.REFUSED_SESSION)]
+    assert await off_loop(outsider.command, b"MAIL FROM:<a@b.c>\r\n") == [
+        str(replies.REFUSED_SESSION)
+    ]
+    assert await off_loop(outsider.command, b"QUIT\r\n") == [str(replies.BYE)]
+    assert await off_loop(outsider.rest) == b""
     assert relay.received("refused_allowlist") == 1
     assert relay.nothing_spooled()
 
@@ -439,6 +445,7 @@ async def test_empty_allowlist_refuses_everyone(start_relay: StartRelay, open_ra
     relay = await start_relay(networks=[])
     raw = await open_raw(relay.port)
     assert await off_loop(raw.line) == str(replies.ACCESS_DENIED)
+    assert await off_loop(raw.command, b"QUIT\r\n") == [str(replies.BYE)]
     assert await off_loop(raw.rest) == b""
     assert relay.received("refused_allowlist") == 1
     assert relay.nothing_spooled()
