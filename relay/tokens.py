@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -139,10 +140,13 @@ class MsalTokenProvider:
         except TokenError:
             raise
         except ValueError as exc:
-            text = str(exc)
-            aadsts = 90002 if "90002" in text or "tenant" in text.lower() else None
+            # MSAL wraps Entra's answer to the discovery request; the code is in the cause
+            answer = str(exc.__context__ or "")
             raise TokenError(
-                "invalid_authority", aadsts=aadsts, description=text.split("\n", 1)[0]
+                "invalid_authority",
+                aadsts=_first_error_code(answer),
+                http_status=_http_status(answer),
+                description=str(exc).split("\n", 1)[0],
             ) from None
         except (requests.RequestException, msal.exceptions.MsalError, OSError) as exc:
             raise TokenError("authority_unreachable", description=type(exc).__name__) from None
@@ -152,6 +156,12 @@ class MsalTokenProvider:
             self._app = self._build_app()
         try:
             result = self._app.acquire_token_for_client(scopes=self._scopes)
+        except msal.exceptions.MsalServiceError as exc:  # MSAL raises on HTTP 5xx
+            self.acquisitions["error"] += 1
+            status = _http_status(str(exc))
+            raise TokenError(
+                "http_error", http_status=status, description=f"HTTP {status}"
+            ) from None
         except (requests.RequestException, msal.exceptions.MsalError, ValueError, OSError) as exc:
             self.acquisitions["error"] += 1
             raise TokenError("token_endpoint_unreachable", description=type(exc).__name__) from None
@@ -173,6 +183,16 @@ class MsalTokenProvider:
         for item in list(cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN)):
             cache.remove_at(item)
         self.expires_at = 0.0
+
+
+def _first_error_code(text: str) -> int | None:
+    match = re.search(r'"error_codes"\s*:\s*\[\s*(\d+)', text)
+    return int(match.group(1)) if match else None
+
+
+def _http_status(text: str) -> int | None:
+    match = re.search(r"\b(?:HTTP Error:?|status(?: code)?:?)\s*(\d{3})\b", text, re.IGNORECASE)
+    return int(match.group(1)) if match else None
 
 
 def _is_microsoft_host(authority: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import ssl
 import time
@@ -31,6 +32,19 @@ TokenSource = Callable[[], Awaitable[str]]
 Outcomes = dict[str, tuple[Stage, SmtpReply]]
 
 NO_SMTPUTF8 = SmtpReply(554, "5.6.7", "upstream does not support SMTPUTF8 for a non-ASCII address")
+
+
+_LINE_END = re.compile(rb"\r\n|\n|\r")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+
+
+def smtp_data(body: bytes) -> bytes:
+    """The body as DATA content: every line ending CRLF, leading dots doubled (RFC 5321
+    4.5.2), and the end-of-data line appended."""
+    data = _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", body))
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data + b".\r\n"
 
 
 class UpstreamSession(Protocol):
@@ -105,12 +119,12 @@ class ExchangeOnlineSession:
         options, encoding = self._mail_options(entry)
         try:
             return await self._transaction(entry.mail_from, pending, body, options, encoding)
+        except (TimeoutError, aiosmtplib.SMTPTimeoutError):  # before OSError: it is one
+            self.usable = False
+            raise UpstreamTimeout(self._stage, "upstream stopped answering") from None
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError) as exc:
             self.usable = False
             raise UpstreamError(self._stage, f"connection lost: {exc}") from None
-        except (TimeoutError, aiosmtplib.SMTPTimeoutError):
-            self.usable = False
-            raise UpstreamTimeout(self._stage, "upstream stopped answering") from None
 
     def _mail_options(self, entry: QueueEntry) -> tuple[list[str], str]:
         options: list[str] = []
@@ -148,15 +162,31 @@ class ExchangeOnlineSession:
         if not accepted:
             await self._reset(None)
             return outcomes
+        stage, reply = await self._data(body)
+        return {**outcomes, **{a: (stage, reply) for a in accepted}}
+
+    async def _data(self, body: bytes) -> tuple[Stage, SmtpReply]:
+        """DATA and the body as two steps, so that a refusal or a silence before the 354 is
+        known to have sent nothing (not ambiguous), unlike one after the body."""
+        client = self._client
+        self._stage = "data"
+        response = await client.execute_command(b"DATA")
+        if response.code != 354:
+            return await self._refused(Stage.DATA, response.code, response.message)
         self._stage = "eod"
-        try:
-            response = await client.data(body if body.endswith(b"\r\n") else body + b"\r\n")
-        except aiosmtplib.SMTPDataError as exc:
-            await self._reset(exc)
-            reply = _reply(exc)
-            return {**outcomes, **{a: (Stage.EOD, reply) for a in accepted}}
-        reply = SmtpReply.parse(response.code, response.message)
-        return {**outcomes, **{a: (Stage.EOD, reply) for a in accepted}}
+        protocol = client.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        protocol.write(smtp_data(body))
+        response = await protocol.read_response(timeout=client.timeout)
+        if response.code != 250:
+            return await self._refused(Stage.EOD, response.code, response.message)
+        return Stage.EOD, SmtpReply.parse(response.code, response.message)
+
+    async def _refused(self, stage: Stage, code: int, message: str) -> tuple[Stage, SmtpReply]:
+        exc = aiosmtplib.SMTPResponseException(code, message)
+        await self._reset(exc)
+        return stage, _reply(exc)
 
     async def _reset(self, exc: aiosmtplib.SMTPResponseException | None) -> None:
         if exc is not None and exc.code == 421:
