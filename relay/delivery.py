@@ -1,33 +1,36 @@
-"""Delivery: the scheduler and up to `concurrency` workers that drain the spool upstream.
+"""Delivery: up to `concurrency` workers that drain the spool upstream.
 
-One job: take due messages from the spool, send them through an upstream session (reusing it
-for as many due messages as there are), let policy.py classify every outcome, and record the
+One job: take due messages from the scheduler, send them through an upstream session (reusing
+it for as many due messages as there are), let policy.py classify every outcome, and record the
 result per recipient in the spool: delivered recipients are never sent again, temporary
 failures wait for the next try (exponential backoff with jitter, persisted), permanent ones and
-expired messages go to failed/ with the upstream's reply. Only queue ids and due times are kept
-in memory, never bodies. When the upstream cannot even be reached, new sessions pause for a
-growing delay instead of burning every message's retries.
+expired messages go to failed/ with the upstream's reply. When the upstream cannot be used
+(unreachable, throttling, a tenant problem) new sessions pause instead of burning every
+message's retries. An outcome that cannot be written to the spool is kept in memory and the
+write retried; the message is not sent again meanwhile. Spool writes are shielded from
+cancellation, so shutdown never races a half-done state change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
 
 from relay.config import DeliverySettings
 from relay.errors import CorruptEntry, SpoolError
+from relay.logs import redact
 from relay.metrics import Metrics
 from relay.model import Attempt, QueueEntry, RcptState, Recipient
 from relay.policy import Decision, Verdict, classify_error, classify_reply, expired, next_attempt
 from relay.policy import retry_delay as backoff
 from relay.replies import SmtpReply
+from relay.scheduler import Scheduler
 from relay.spool import QUEUED_STATES, Spool, State
 from relay.upstream import Upstream, UpstreamSession
 
@@ -38,54 +41,20 @@ EXPIRED = SmtpReply(
 )
 IDLE_SESSION_SECONDS = 2.0
 PAUSE_INITIAL = 5.0
+RECONCILE_SECONDS = 60.0
+SPOOL_DRAIN_SECONDS = 10.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-class Scheduler:
-    """Due times of queued messages, smallest first. Waiting is on an event, never a sleep loop."""
+@dataclass(frozen=True)
+class _Outcome:
+    """A recorded attempt waiting to be written to the spool."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._heap: list[tuple[float, int, str, State]] = []
-        self._queued: set[str] = set()
-        self._seq = itertools.count()
-        self._changed = asyncio.Event()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def add(self, queue_id: str, due: float, state: State) -> None:
-        if queue_id in self._queued:
-            return
-        self._queued.add(queue_id)
-        heapq.heappush(self._heap, (due, next(self._seq), queue_id, state))
-        self._changed.set()
-
-    def pop_due(self) -> tuple[str, State] | None:
-        if self._heap and self._heap[0][0] <= self._clock():
-            _, _, queue_id, state = heapq.heappop(self._heap)
-            self._queued.discard(queue_id)
-            return queue_id, state
-        return None
-
-    def seconds_until_due(self) -> float | None:
-        if not self._heap:
-            return None
-        return max(0.0, self._heap[0][0] - self._clock())
-
-    async def wait(self, limit: float | None = None, *, ignore_due: bool = False) -> None:
-        """Return when something may be due (the earliest due time or a new item), or after
-        `limit` seconds. With `ignore_due`, only a new item or `limit` ends the wait."""
-        delay = None if ignore_due else self.seconds_until_due()
-        if limit is not None:
-            delay = limit if delay is None else min(delay, limit)
-        if delay == 0:
-            return
-        self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), delay)
-
-    def poke(self) -> None:
-        self._changed.set()
+    entry: QueueEntry
+    summary: str
+    due: float
 
 
 class Delivery:
@@ -106,16 +75,29 @@ class Delivery:
         self._clock = clock
         self._rand = rand
         self.scheduler = Scheduler(clock)
-        self._workers: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._paused_until = 0.0
         self._session_failures = 0
+        self._spool_ops: set[asyncio.Future[object]] = set()
+        self._unsaved: dict[str, _Outcome] = {}
+        self._stop_requested = asyncio.Event()
+
+    # --- spool access --------------------------------------------------------------------------
+
+    async def _spool_call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a spool operation in a thread, shielded: a cancelled worker never leaves it
+        half-observed, and stop() waits for it before requeueing."""
+        future: asyncio.Future[T] = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+        self._spool_ops.add(future)  # type: ignore[arg-type]
+        future.add_done_callback(self._spool_ops.discard)
+        return await asyncio.shield(future)
 
     # --- feeding the scheduler -----------------------------------------------------------------
 
     async def load_queue(self) -> int:
-        """Schedule every queued message found in the spool (metadata only)."""
-        entries = await asyncio.to_thread(self._scan_queued)
+        """Schedule every queued message the scheduler does not know yet (metadata only)."""
+        entries = await self._spool_call(self._scan_queued)
         for queue_id, due, state in entries:
             self.scheduler.add(queue_id, due, state)
         return len(entries)
@@ -124,6 +106,8 @@ class Delivery:
         found = []
         for state in QUEUED_STATES:
             for queue_id in list(self._spool.ids(state)):
+                if self.scheduler.known(queue_id):
+                    continue
                 try:
                     entry = self._spool.load(state, queue_id)
                 except FileNotFoundError:
@@ -141,23 +125,45 @@ class Delivery:
         if not self._stopping:
             self.scheduler.add(entry.queue_id, 0.0, State.INCOMING)
 
+    async def _reconcile(self) -> None:
+        """Now and then, pick up queued messages nobody scheduled (a client that vanished
+        during its commit, a message put back by hand)."""
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), RECONCILE_SECONDS)
+            if self._stopping:
+                return
+            try:
+                found = await self.load_queue()
+            except OSError:
+                log.exception("could not scan the spool")
+                continue
+            if found:
+                log.info("scheduled %d queued messages found in the spool", found)
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._workers = [
-            asyncio.create_task(self._worker(n), name=f"delivery-{n}")
+        self._tasks = [
+            asyncio.create_task(self._worker(), name=f"delivery-{n}")
             for n in range(self._settings.concurrency)
         ]
+        self._tasks.append(asyncio.create_task(self._reconcile(), name="delivery-reconcile"))
 
     async def stop(self, grace: float) -> None:
         """Let workers finish the message in hand within `grace`, then cancel and requeue."""
         self._stopping = True
+        self._stop_requested.set()
         self.scheduler.poke()
-        _, pending = await asyncio.wait(self._workers, timeout=grace) if self._workers else ((), ())
+        pending: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=grace)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
+        if self._spool_ops:
+            await asyncio.wait(set(self._spool_ops), timeout=SPOOL_DRAIN_SECONDS)
         requeued = await asyncio.to_thread(self._requeue_active)
         if requeued:
             log.warning("requeued %d messages still in flight at shutdown", requeued)
@@ -173,9 +179,20 @@ class Delivery:
     def paused(self) -> bool:
         return self._clock() < self._paused_until
 
+    def _pause(self, seconds: float, reason: str) -> None:
+        until = self._clock() + seconds
+        if until > self._paused_until:
+            self._paused_until = until
+            log.error(
+                "upstream %s: no new sessions for %.0fs: %s", self._upstream.name, seconds, reason
+            )
+
+    def _pause_left(self) -> float:
+        return max(0.0, self._paused_until - self._clock())
+
     # --- the workers ---------------------------------------------------------------------------
 
-    async def _worker(self, number: int) -> None:
+    async def _worker(self) -> None:
         session: UpstreamSession | None = None
         last_used = 0.0
         try:
@@ -186,7 +203,7 @@ class Delivery:
                 if self.paused:
                     await self.scheduler.wait(self._pause_left(), ignore_due=True)
                     continue
-                item = self._next_item()
+                item = self.scheduler.pop_due()
                 if item is not None:
                     session = await self._deliver_guarded(item, session)
                     last_used = time.monotonic()
@@ -202,38 +219,49 @@ class Delivery:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(session.close())
 
-    def _pause_left(self) -> float:
-        return max(0.0, self._paused_until - self._clock())
-
-    def _next_item(self) -> tuple[str, State] | None:
-        if self._stopping or self.paused:
-            return None
-        return self.scheduler.pop_due()
-
     async def _deliver_guarded(
         self, item: tuple[str, State], session: UpstreamSession | None
     ) -> UpstreamSession | None:
-        """Deliver one message; an unexpected error is logged and the message retried later,
-        and the worker lives on (a dead worker would stall the queue silently)."""
+        """Deliver one message. An unexpected error is logged and counts as a temporary failure
+        of the message (so max_age still applies); the worker lives on, since a dead worker
+        would stall the queue silently."""
         try:
-            return await self._deliver_claimed(item, session)
-        except Exception:
+            return await self._deliver(item, session)
+        except Exception as exc:
             queue_id, _ = item
-            log.exception("unexpected delivery error; retrying later", extra={"queue_id": queue_id})
-            if await asyncio.to_thread(self._spool.move, queue_id, State.ACTIVE, State.INCOMING):
-                self.scheduler.add(
-                    queue_id, self._clock() + self._settings.retry_initial, State.INCOMING
-                )
+            log.exception("unexpected delivery error", extra={"queue_id": queue_id})
             if session is not None:
                 with contextlib.suppress(Exception):
                     await session.close()
+            await self._after_unexpected(queue_id, exc)
             return None
 
-    async def _deliver_claimed(
+    async def _after_unexpected(self, queue_id: str, error: Exception) -> None:
+        try:
+            entry = await self._spool_call(self._spool.load, State.ACTIVE, queue_id)
+        except (OSError, SpoolError):
+            entry = None
+        try:
+            if entry is not None:
+                await self._record(entry, {r.address: classify_error(error) for r in entry.pending})
+            elif await self._spool_call(self._spool.move, queue_id, State.ACTIVE, State.INCOMING):
+                self.scheduler.add(
+                    queue_id, self._clock() + self._settings.retry_initial, State.INCOMING
+                )
+        except Exception:
+            log.exception(
+                "could not put the message back; it is requeued at the next start",
+                extra={"queue_id": queue_id},
+            )
+
+    async def _deliver(
         self, item: tuple[str, State], session: UpstreamSession | None
     ) -> UpstreamSession | None:
         queue_id, state = item
-        if not await asyncio.to_thread(self._spool.claim, queue_id, state):
+        if queue_id in self._unsaved:
+            await self._store_outcome(self._unsaved.pop(queue_id))
+            return session
+        if not await self._spool_call(self._spool.claim, queue_id, state):
             return session  # gone: delivered, deleted or claimed by someone else
         entry = await self._load_active(queue_id)
         if entry is None:
@@ -250,9 +278,9 @@ class Delivery:
 
     async def _load_active(self, queue_id: str) -> QueueEntry | None:
         try:
-            return await asyncio.to_thread(self._spool.load, State.ACTIVE, queue_id)
+            return await self._spool_call(self._spool.load, State.ACTIVE, queue_id)
         except CorruptEntry as exc:
-            await asyncio.to_thread(self._spool.quarantine, queue_id, State.ACTIVE, exc.reason)
+            await self._spool_call(self._spool.quarantine, queue_id, State.ACTIVE, exc.reason)
             self._metrics.quarantined.inc()
         except FileNotFoundError:
             log.warning("vanished from active/ while claimed", extra={"queue_id": queue_id})
@@ -264,23 +292,16 @@ class Delivery:
         pause = backoff(
             self._session_failures, PAUSE_INITIAL, self._settings.retry_max, self._rand()
         )
-        self._paused_until = self._clock() + pause
-        log.error(
-            "upstream %s unusable: %s; new sessions paused for %.0fs",
-            self._upstream.name,
-            error,
-            pause,
-            extra={"queue_id": entry.queue_id},
-        )
+        self._pause(max(pause, decision.pause), f"{error}")
         if decision.refresh_token:
             await self._upstream.token_refused()
         await self._record(entry, {r.address: decision for r in entry.pending})
 
     async def _attempt(self, entry: QueueEntry, session: UpstreamSession) -> None:
         try:
-            body = await asyncio.to_thread(self._spool.read_body, entry.queue_id)
+            body = await self._spool_call(self._spool.read_body, entry.queue_id)
         except FileNotFoundError:
-            await asyncio.to_thread(
+            await self._spool_call(
                 self._spool.quarantine, entry.queue_id, State.ACTIVE, "message body is missing"
             )
             self._metrics.quarantined.inc()
@@ -288,6 +309,7 @@ class Delivery:
         try:
             outcomes = await session.send(entry, body)
         except Exception as exc:
+            session.usable = False
             decision = classify_error(exc)
             if decision.ambiguous:
                 self._metrics.ambiguous.inc()
@@ -299,9 +321,18 @@ class Delivery:
             decisions = {r.address: decision for r in entry.pending}
         else:
             decisions = {a: classify_reply(stage, reply) for a, (stage, reply) in outcomes.items()}
-        if any(d.refresh_token for d in decisions.values()):
-            await self._upstream.token_refused()
+        await self._react(list(decisions.values()), session)
         await self._record(entry, decisions)
+
+    async def _react(self, decisions: list[Decision], session: UpstreamSession) -> None:
+        """What an outcome means for the session and the upstream, beyond this message."""
+        for decision in decisions:
+            if not decision.session_ok:
+                session.usable = False
+            if decision.pause:
+                self._pause(decision.pause, str(decision.reply))
+        if any(d.refresh_token for d in decisions):
+            await self._upstream.token_refused()
 
     # --- recording outcomes --------------------------------------------------------------------
 
@@ -317,8 +348,8 @@ class Delivery:
             log.error(
                 "expired after %d attempts", entry.attempts + 1, extra={"queue_id": entry.queue_id}
             )
-        outcome = _summary(updated)
-        reply = next((str(d.reply) for d in decisions.values()), "")
+        summary = _summary(updated)
+        reply = next((redact(str(d.reply)) for d in decisions.values()), "")
         due = next_attempt(
             entry.attempts + 1,
             now,
@@ -327,23 +358,27 @@ class Delivery:
             self._rand(),
         )
         updated = updated.after_attempt(
-            Attempt(now, outcome, reply), due if not updated.done else 0.0
+            Attempt(now, summary, reply), due if not updated.done else 0.0
         )
+        await self._store_outcome(_Outcome(updated, summary, due))
+
+    async def _store_outcome(self, outcome: _Outcome) -> None:
+        entry = outcome.entry
         try:
-            await asyncio.to_thread(self._store, updated)
+            await self._spool_call(self._store, entry)
         except (SpoolError, OSError):
             log.exception(
-                "could not record the outcome; retrying the message later",
+                "could not record the outcome; keeping it in memory and retrying the write "
+                "(the message is not sent again meanwhile)",
                 extra={"queue_id": entry.queue_id},
             )
-            if await asyncio.to_thread(
-                self._spool.move, entry.queue_id, State.ACTIVE, State.INCOMING
-            ):
-                self.scheduler.add(entry.queue_id, due, State.INCOMING)
+            self._unsaved[entry.queue_id] = outcome
+            retry_at = self._clock() + self._settings.retry_initial
+            self.scheduler.add(entry.queue_id, retry_at, State.ACTIVE)
             return
-        self._count(updated, outcome)
-        if not updated.done:
-            self.scheduler.add(updated.queue_id, due, State.DEFERRED)
+        self._count(entry, outcome.summary)
+        if not entry.done:
+            self.scheduler.add(entry.queue_id, outcome.due, State.DEFERRED)
 
     def _store(self, entry: QueueEntry) -> None:
         if not entry.done:
@@ -353,8 +388,8 @@ class Delivery:
         else:
             self._spool.remove(entry.queue_id, State.ACTIVE)
 
-    def _count(self, entry: QueueEntry, outcome: str) -> None:
-        if outcome == "deferred":
+    def _count(self, entry: QueueEntry, summary: str) -> None:
+        if summary == "deferred":
             self._metrics.deferred.inc()
         elif entry.any_failed:
             reason = (
@@ -394,7 +429,7 @@ def _apply(rcpt: Recipient, decision: Decision | None) -> Recipient:
     state = {Verdict.DELIVERED: RcptState.DELIVERED, Verdict.FAIL: RcptState.FAILED}.get(
         decision.verdict, RcptState.PENDING
     )
-    return replace(rcpt, state=state, reply=str(decision.reply))
+    return replace(rcpt, state=state, reply=redact(str(decision.reply)))
 
 
 def _expire(rcpt: Recipient) -> Recipient:

@@ -68,6 +68,7 @@ class Decision:
     refresh_token: bool = False  # the token was refused: fetch a fresh one before the next AUTH
     ambiguous: bool = False  # the upstream may have accepted the message (lost after the dot)
     session_ok: bool = True  # the SMTP session can carry the next message
+    pause: float = 0.0  # seconds to open no new upstream session (throttling, tenant problems)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,10 @@ class Rule:
     code: int | None = None
     enhanced_prefix: str = ""
     code_class: int | None = None  # 4 or 5
+    text_contains: str = ""  # case-insensitive; for Exchange texts that share a code
     refresh_token: bool = False
     session_ok: bool = True
+    pause: float = 0.0
     note: str = ""
 
     def matches(self, stage: Stage, reply: SmtpReply) -> bool:
@@ -88,19 +91,71 @@ class Rule:
             (not self.stages or stage in self.stages)
             and (self.code is None or reply.code == self.code)
             and (self.code_class is None or reply.code // 100 == self.code_class)
-            and reply.enhanced.startswith(self.enhanced_prefix)
+            and _enhanced_matches(reply.enhanced, self.enhanced_prefix)
+            and self.text_contains.lower() in reply.text.lower()
         )
 
 
+def _enhanced_matches(enhanced: str, pattern: str) -> bool:
+    """'5.2.2' matches 5.2.2 itself and never 5.2.252; '5.7' matches every 5.7.x."""
+    return not pattern or enhanced == pattern or enhanced.startswith(pattern + ".")
+
+
 SESSION_STAGES = frozenset({Stage.CONNECT, Stage.TLS, Stage.AUTH})
+RATE_PAUSE = 60.0  # Exchange counts 30 messages per rolling minute and mailbox
+CONCURRENCY_PAUSE = 10.0
+TENANT_PAUSE = 300.0  # a problem only an admin can fix: retry rarely, keep everything queued
+
+
+def _tenant_problem(enhanced: str, note: str, text: str = "") -> Rule:
+    """A reply that no retry of this message can fix: keep the queue, pause, alert."""
+    return Rule(
+        Verdict.DEFER,
+        enhanced_prefix=enhanced,
+        text_contains=text,
+        session_ok=False,
+        pause=TENANT_PAUSE,
+        note=note,
+    )
+
 
 REPLY_RULES: tuple[Rule, ...] = (
+    Rule(
+        Verdict.DEFER,
+        code=421,
+        enhanced_prefix="4.4.2",
+        text_contains="submission rate",
+        session_ok=False,
+        pause=RATE_PAUSE,
+        note="30 messages a minute per mailbox exceeded: slow down",
+    ),
+    Rule(
+        Verdict.DEFER,
+        code=432,
+        enhanced_prefix="4.3.2",
+        session_ok=False,
+        pause=CONCURRENCY_PAUSE,
+        note="more than 3 concurrent connections for the mailbox",
+    ),
     Rule(Verdict.DEFER, code=421, session_ok=False, note="server closing the channel"),
+    _tenant_problem(
+        "5.7.139", "SMTP AUTH disabled for the tenant or mailbox, or blocked by policy"
+    ),
+    _tenant_problem("5.7.57", "not authenticated: a relay or configuration bug"),
+    _tenant_problem("5.2.2", "the sending mailbox is full (Sent Items)"),
+    _tenant_problem(
+        "5.2.0", "daily recipient quota of the mailbox reached", "SubmissionQuotaExceeded"
+    ),
+    _tenant_problem("5.1.90", "daily recipient limit of the mailbox reached"),
+    _tenant_problem("5.7.705", "tenant blocked for sending spam"),
+    _tenant_problem("5.7.708", "traffic from this IP not accepted"),
+    _tenant_problem("5.7.750", "sender domain not registered in the tenant"),
     Rule(
         Verdict.DEFER,
         stages=frozenset({Stage.AUTH}),
         code=535,
         refresh_token=True,
+        session_ok=False,
         note="token refused: refresh once, keep the message queued",
     ),
     Rule(
@@ -109,12 +164,6 @@ REPLY_RULES: tuple[Rule, ...] = (
         code_class=5,
         session_ok=False,
         note="session set-up refused: a configuration problem, not the message's fault",
-    ),
-    Rule(
-        Verdict.DEFER,
-        stages=frozenset({Stage.MAIL}),
-        code=530,
-        note="not authenticated: a relay or configuration bug, not the message's fault",
     ),
     Rule(
         Verdict.DEFER,
@@ -134,7 +183,11 @@ def classify_reply(stage: Stage, reply: SmtpReply) -> Decision:
     for rule in REPLY_RULES:
         if rule.matches(stage, reply):
             return Decision(
-                rule.verdict, reply, refresh_token=rule.refresh_token, session_ok=rule.session_ok
+                rule.verdict,
+                reply,
+                refresh_token=rule.refresh_token,
+                session_ok=rule.session_ok,
+                pause=rule.pause,
             )
     return Decision(Verdict.DEFER, reply, session_ok=False)
 

@@ -141,22 +141,71 @@ def test_recipient_limit_reached(current: int, limit: int, expected: bool) -> No
 
 # --- classify_reply: one test per row of REPLY_RULES ----------------------------------------------
 
+RATE = "30 messages a minute per mailbox exceeded: slow down"
+CONCURRENCY = "more than 3 concurrent connections for the mailbox"
+CLOSING = "server closing the channel"
+AUTH_DISABLED = "SMTP AUTH disabled for the tenant or mailbox, or blocked by policy"
+TOKEN = "token refused: refresh once, keep the message queued"
+SETUP = "session set-up refused: a configuration problem, not the message's fault"
+NOT_AUTHENTICATED = "not authenticated: a relay or configuration bug"
+MAILBOX_FULL = "the sending mailbox is full (Sent Items)"
+QUOTA = "daily recipient quota of the mailbox reached"
+DAILY_LIMIT = "daily recipient limit of the mailbox reached"
+SPAM_BLOCK = "tenant blocked for sending spam"
+IP_BLOCK = "traffic from this IP not accepted"
+DOMAIN = "sender domain not registered in the tenant"
+RCPT_552 = "RFC 5321 4.5.3.1.10: 552 on RCPT means too many recipients"
+TEMPORARY = "temporary failure"
+PERMANENT = "permanent failure"
+
 
 def test_reply_rules_table_has_the_rows_these_tests_cover() -> None:
     # A new row needs a new test below; this fails first to say so.
-    assert [(r.verdict, r.code, r.code_class, sorted(r.stages)) for r in REPLY_RULES] == [
-        (Verdict.DEFER, 421, None, []),
-        (Verdict.DEFER, 535, None, [Stage.AUTH]),
-        (Verdict.DEFER, None, 5, sorted([Stage.CONNECT, Stage.TLS, Stage.AUTH])),
-        (Verdict.DEFER, 530, None, [Stage.MAIL]),
-        (Verdict.DEFER, 552, None, [Stage.RCPT]),
-        (Verdict.DEFER, None, 4, []),
-        (Verdict.FAIL, None, 5, []),
+    assert [r.note for r in REPLY_RULES] == [
+        RATE,
+        CONCURRENCY,
+        CLOSING,
+        AUTH_DISABLED,
+        NOT_AUTHENTICATED,
+        MAILBOX_FULL,
+        QUOTA,
+        DAILY_LIMIT,
+        SPAM_BLOCK,
+        IP_BLOCK,
+        DOMAIN,
+        TOKEN,
+        SETUP,
+        RCPT_552,
+        TEMPORARY,
+        PERMANENT,
     ]
 
 
-def first_rule(stage: Stage, smtp_reply: SmtpReply) -> int:
-    return next(i for i, rule in enumerate(REPLY_RULES) if rule.matches(stage, smtp_reply))
+def first_rule(stage: Stage, smtp_reply: SmtpReply) -> str:
+    return next(rule.note for rule in REPLY_RULES if rule.matches(stage, smtp_reply))
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_row_submission_rate_pauses_a_minute(stage: Stage) -> None:
+    r = reply(
+        421, "4.4.2 Message submission rate for this client has exceeded the configured limit"
+    )
+    assert first_rule(stage, r) == RATE
+    assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False, pause=60.0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "4.3.2 Concurrent connections limit exceeded.",
+        "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded",
+        "4.3.2 Concurrent connections limit exceeded (aka.ms/concurrent_sending)",
+    ],
+)
+def test_row_432_concurrency_pauses_briefly(text: str) -> None:
+    r = reply(432, text)
+    assert first_rule(Stage.MAIL, r) == CONCURRENCY
+    assert classify_reply(Stage.MAIL, r) == Decision(Verdict.DEFER, r, session_ok=False, pause=10.0)
 
 
 @pytest.mark.parametrize("stage", list(Stage))
@@ -165,39 +214,51 @@ def first_rule(stage: Stage, smtp_reply: SmtpReply) -> int:
     [
         "4.7.66 TLS 1.0 and 1.1 are not supported. Please upgrade/update your client to support "
         "TLS 1.2. Visit https://aka.ms/smtp_auth_tls.",
-        "4.4.2 Message submission rate for this client has exceeded the configured limit",
         "4.3.2 Service not available, closing transmission channel",
         "4.4.1 Connection timed out. Total session duration: 00:20:55",
     ],
 )
 def test_row_421_anywhere_defers_and_drops_the_session(stage: Stage, text: str) -> None:
     r = reply(421, text)
-    assert first_rule(stage, r) == 0
+    assert first_rule(stage, r) == CLOSING
     assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False)
 
 
 @pytest.mark.parametrize(
     "text",
     [
-        "5.7.3 Authentication unsuccessful [SN4PR0601CA0012.namprd06.prod.outlook.com "
-        "2025-11-29T18:00:00.000Z 08DE2F0C7A1B2C3D]",
         "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
         "Tenant. Visit https://aka.ms/smtp_auth_disabled for more information.",
+        "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the "
+        "Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information.",
         "5.7.139 Authentication unsuccessful, the request did not meet the criteria to be "
         "authenticated successfully. Contact your administrator.",
     ],
 )
-def test_row_535_at_auth_defers_and_refreshes_the_token(text: str) -> None:
+def test_row_smtp_auth_disabled_keeps_the_queue_and_pauses(text: str) -> None:
     r = reply(535, text)
-    assert first_rule(Stage.AUTH, r) == 1
-    assert classify_reply(Stage.AUTH, r) == Decision(Verdict.DEFER, r, refresh_token=True)
+    assert first_rule(Stage.AUTH, r) == AUTH_DISABLED
+    assert classify_reply(Stage.AUTH, r) == Decision(
+        Verdict.DEFER, r, session_ok=False, pause=300.0
+    )
+
+
+def test_row_535_at_auth_defers_and_refreshes_the_token() -> None:
+    r = reply(
+        535,
+        "5.7.3 Authentication unsuccessful [SN4PR0601CA0012.namprd06.prod.outlook.com "
+        "2025-11-29T18:00:00.000Z 08DE2F0C7A1B2C3D]",
+    )
+    assert first_rule(Stage.AUTH, r) == TOKEN
+    assert classify_reply(Stage.AUTH, r) == Decision(
+        Verdict.DEFER, r, refresh_token=True, session_ok=False
+    )
 
 
 @pytest.mark.parametrize(
     ("stage", "code", "text"),
     [
         (Stage.CONNECT, 554, "5.7.1 Access denied"),
-        (Stage.CONNECT, 550, "5.7.708 Access denied, traffic not accepted from this IP"),
         (Stage.TLS, 554, "5.7.3 Unable to initialize security subsystem"),
         (Stage.AUTH, 504, "5.7.4 Unrecognized authentication type"),
         (Stage.AUTH, 550, "5.7.30 Basic authentication is not supported for Client Submission."),
@@ -208,27 +269,60 @@ def test_row_5xx_during_session_setup_defers_and_drops_the_session(
     stage: Stage, code: int, text: str
 ) -> None:
     r = reply(code, text)
-    assert first_rule(stage, r) == 2
+    assert first_rule(stage, r) == SETUP
     assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False)
 
 
-def test_row_530_at_mail_defers() -> None:
-    r = reply(530, "5.7.57 Client not authenticated to send mail.")
-    assert first_rule(Stage.MAIL, r) == 3
-    assert classify_reply(Stage.MAIL, r) == Decision(Verdict.DEFER, r)
+TENANT_ROWS = [
+    (Stage.MAIL, 530, "5.7.57 Client not authenticated to send mail.", NOT_AUTHENTICATED),
+    (Stage.RCPT, 530, "5.7.57 Client not authenticated to send mail.", NOT_AUTHENTICATED),
+    (
+        Stage.EOD,
+        554,
+        "5.2.2 mailbox full; STOREDRV.Submission.Exception:"
+        "QuotaExceededException.MapiExceptionShutoffQuotaExceeded",
+        MAILBOX_FULL,
+    ),
+    (
+        Stage.EOD,
+        554,
+        "5.2.0 STOREDRV.Submission.Exception:SubmissionQuotaExceededException; Failed to "
+        "process message. The message can't be submitted because the sender's submission "
+        "quota was exceeded.",
+        QUOTA,
+    ),
+    (
+        Stage.EOD,
+        550,
+        "5.1.90 Your message can't be sent because you've reached your daily limit for "
+        "message recipients.",
+        DAILY_LIMIT,
+    ),
+    (Stage.MAIL, 550, "5.7.705 Access denied, tenant has exceeded threshold", SPAM_BLOCK),
+    (Stage.MAIL, 550, "5.7.708 Access denied, traffic not accepted from this IP", IP_BLOCK),
+    (Stage.CONNECT, 550, "5.7.708 Access denied, traffic not accepted from this IP", IP_BLOCK),
+    (Stage.MAIL, 550, "5.7.750 Client blocked from sending from unregistered domain", DOMAIN),
+]
+
+
+@pytest.mark.parametrize(("stage", "code", "text", "row"), TENANT_ROWS)
+def test_rows_tenant_problems_keep_the_queue_and_pause(
+    stage: Stage, code: int, text: str, row: str
+) -> None:
+    r = reply(code, text)
+    assert first_rule(stage, r) == row
+    assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False, pause=300.0)
 
 
 def test_row_552_at_rcpt_is_too_many_recipients_and_defers() -> None:
     r = reply(552, "5.5.3 Too many recipients")
-    assert first_rule(Stage.RCPT, r) == 4
+    assert first_rule(Stage.RCPT, r) == RCPT_552
     assert classify_reply(Stage.RCPT, r) == Decision(Verdict.DEFER, r)
 
 
 @pytest.mark.parametrize(
     ("stage", "code", "text"),
     [
-        (Stage.MAIL, 432, "4.3.2 Concurrent connections limit exceeded."),
-        (Stage.MAIL, 432, "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded"),
         (Stage.RCPT, 452, "4.5.3 Too many recipients"),
         (
             Stage.EOD,
@@ -243,7 +337,7 @@ def test_row_552_at_rcpt_is_too_many_recipients_and_defers() -> None:
 )
 def test_row_other_4xx_defers_and_keeps_the_session(stage: Stage, code: int, text: str) -> None:
     r = reply(code, text)
-    assert first_rule(stage, r) == 5
+    assert first_rule(stage, r) == TEMPORARY
     assert classify_reply(stage, r) == Decision(Verdict.DEFER, r)
 
 
@@ -267,24 +361,17 @@ def test_row_other_4xx_defers_and_keeps_the_session(stage: Stage, code: int, tex
         ),
         (Stage.MAIL, 550, "5.7.60 SMTP; Client does not have permissions to send as this sender"),
         (Stage.EOD, 552, "5.3.4 Message size exceeds fixed maximum message size"),  # not RCPT
-        (Stage.RCPT, 530, "5.7.57 Client not authenticated to send mail."),  # not MAIL
         (Stage.MAIL, 535, "5.7.3 Authentication unsuccessful"),  # not AUTH
         (
             Stage.RCPT,
             550,
             "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup",
         ),
-        (
-            Stage.DATA,
-            554,
-            "5.2.2 mailbox full; STOREDRV.Submission.Exception:"
-            "QuotaExceededException.MapiExceptionShutoffQuotaExceeded",
-        ),
     ],
 )
 def test_row_other_5xx_fails(stage: Stage, code: int, text: str) -> None:
     r = reply(code, text)
-    assert first_rule(stage, r) == 6
+    assert first_rule(stage, r) == PERMANENT
     assert classify_reply(stage, r) == Decision(Verdict.FAIL, r)
 
 
@@ -341,9 +428,11 @@ def test_every_negative_reply_gets_a_verdict_and_only_5xx_fails(stage: Stage, co
 def test_upstream_error_with_reply_is_classified_by_the_table() -> None:
     refused = reply(535, "5.7.3 Authentication unsuccessful")
     error = UpstreamError("auth", "authentication refused", refused)
-    assert classify_error(error) == Decision(Verdict.DEFER, refused, refresh_token=True)
+    assert classify_error(error) == Decision(
+        Verdict.DEFER, refused, refresh_token=True, session_ok=False
+    )
     assert classify_error(error, after_data_sent=True) == Decision(
-        Verdict.DEFER, refused, refresh_token=True
+        Verdict.DEFER, refused, refresh_token=True, session_ok=False
     )
 
 
