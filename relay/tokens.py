@@ -10,12 +10,14 @@ Tokens, secrets and private keys never reach a log or a repr.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
+import threading
 import time
-from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msal
 import requests
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from requests.sessions import _Settings
 
 log = logging.getLogger("relay.tokens")
+
+T = TypeVar("T")
 
 
 class _PinnedCASession(requests.Session):
@@ -101,6 +105,44 @@ def token_error_from_result(result: dict[str, Any]) -> TokenError:
     )
 
 
+def in_daemon_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """Run blocking `fn` in a daemon thread and return a future for its result.
+
+    Unlike asyncio.to_thread, a request hanging in MSAL can never hold up the process exit;
+    and callers that give up do not cancel the one request every caller shares.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    future.add_done_callback(_retrieve)
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            outcome: tuple[T | None, BaseException | None] = (None, exc)
+        else:
+            outcome = (result, None)
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name="msal", daemon=True).start()
+    return future
+
+
+def _retrieve(future: asyncio.Future[T]) -> None:
+    """Mark an exception as seen even when every caller gave up waiting for it."""
+    if not future.cancelled():
+        future.exception()
+
+
 class MsalTokenProvider:
     """`await provider()` -> access token. Shareable by all upstream sessions of one app."""
 
@@ -109,6 +151,7 @@ class MsalTokenProvider:
         self._scopes = [oauth.scope]
         self._app: msal.ConfidentialClientApplication | None = None
         self._lock = asyncio.Lock()
+        self._inflight: asyncio.Future[str] | None = None
         self.expires_at: float = 0.0
         self.acquisitions: dict[str, int] = {"ok": 0, "error": 0}
 
@@ -117,13 +160,19 @@ class MsalTokenProvider:
         return f"MsalTokenProvider(client_id={oauth.client_id!r}, tenant={oauth.tenant_id!r})"
 
     async def __call__(self) -> str:
-        async with self._lock:
-            return await asyncio.to_thread(self._acquire)
+        async with self._lock:  # held only to start or join the request in flight
+            if self._inflight is None or self._inflight.done():
+                self._inflight = in_daemon_thread(self._acquire)
+            inflight = self._inflight
+        return await asyncio.shield(inflight)
 
     async def invalidate(self) -> None:
         """Drop cached access tokens so the next call asks Entra again (after a 535)."""
         async with self._lock:
-            await asyncio.to_thread(self._drop_cached_tokens)
+            if self._inflight is not None and not self._inflight.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._inflight)
+            await in_daemon_thread(self._drop_cached_tokens)
 
     # --- worker-thread side --------------------------------------------------------------------
 

@@ -29,6 +29,9 @@ from relay.policy import Stage
 from relay.replies import SmtpReply
 
 TokenSource = Callable[[], Awaitable[str]]
+FINAL_REPLY_MAX = 600.0
+SLOW_UPLINK_BYTES_PER_SECOND = 100_000
+LARGE_BODY = 256 * 1024  # bodies above this are prepared off the event loop
 Outcomes = dict[str, tuple[Stage, SmtpReply]]
 
 NO_SMTPUTF8 = SmtpReply(554, "5.6.7", "upstream does not support SMTPUTF8 for a non-ASCII address")
@@ -80,8 +83,17 @@ def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> SmtpReply:
-    code = exc.code if 200 <= exc.code <= 599 else 451
-    return SmtpReply.parse(code, exc.message)
+    """A refusal as a reply. A positive or malformed code where a refusal (or the 354) was due
+    is a protocol error: it becomes a temporary failure, never a delivery."""
+    if 400 <= exc.code <= 599:
+        return SmtpReply.parse(exc.code, exc.message)
+    return SmtpReply(451, "4.4.0", f"unexpected reply {exc.code} from the upstream")
+
+
+def final_reply_timeout(base: float, size: int) -> float:
+    """How long to wait for the reply after the final dot: the per-command timeout plus time
+    for the body to leave a slow uplink, up to RFC 5321's 10 minutes."""
+    return max(base, min(FINAL_REPLY_MAX, base + size / SLOW_UPLINK_BYTES_PER_SECOND))
 
 
 def _connect_error(exc: BaseException) -> UpstreamError:
@@ -177,8 +189,12 @@ class ExchangeOnlineSession:
         protocol = client.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
-        protocol.write(smtp_data(body))
-        response = await protocol.read_response(timeout=client.timeout)
+        data = (
+            await asyncio.to_thread(smtp_data, body) if len(body) > LARGE_BODY else smtp_data(body)
+        )
+        protocol.write(data)
+        timeout = final_reply_timeout(client.timeout or FINAL_REPLY_MAX, len(data))
+        response = await protocol.read_response(timeout=timeout)
         if response.code != 250:
             return await self._refused(Stage.EOD, response.code, response.message)
         return Stage.EOD, SmtpReply.parse(response.code, response.message)
@@ -219,8 +235,10 @@ class ExchangeOnlineUpstream:
         tls_context: ssl.SSLContext,
         timeout: float,
         local_hostname: str,
+        token_timeout: float = 90.0,
         name: str = "exchange-online",
     ) -> None:
+        self._token_timeout = token_timeout
         self.name = name
         self._host, self._port, self._mailbox = host, port, mailbox
         self._tokens, self._invalidate = tokens, invalidate
@@ -229,7 +247,10 @@ class ExchangeOnlineUpstream:
         self._refreshed_for: str | None = None
 
     async def _token(self) -> str:
-        token = await self._tokens()
+        try:
+            token = await asyncio.wait_for(self._tokens(), self._token_timeout)
+        except TimeoutError:
+            raise TokenError("token_timeout", description="no token in time") from None
         self._last_token = token
         return token
 

@@ -30,6 +30,7 @@ from relay.upstream import (
     ExchangeOnlineUpstream,
     MaildirUpstream,
     client_tls_context,
+    final_reply_timeout,
 )
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, MAILBOX
 from tests.fakes import exchange as fake_exchange
@@ -533,8 +534,6 @@ async def test_refusal_of_the_data_command(
     assert session.usable
 
 
-
-
 async def test_refusal_of_the_data_command_is_stage_data(
     make_upstream: UpstreamFactory, exchange: FakeExchange, sessions: list[ExchangeOnlineSession]
 ) -> None:
@@ -620,8 +619,6 @@ async def test_stall_past_the_timeout_at_end_of_data_fails_quickly(
     assert decision.verdict is Verdict.DEFER
     assert decision.ambiguous
     assert not decision.session_ok
-
-
 
 
 @pytest.mark.parametrize("stage", ["mail", "eod"])
@@ -819,3 +816,52 @@ async def test_maildir_that_cannot_be_created_fails_at_connect(tmp_path: Path) -
         await MaildirUpstream(blocker / "md").open()
 
     assert caught.value.stage == "connect"
+
+
+async def test_a_token_source_that_never_answers_fails_the_session_in_time(
+    pki: TestPKI, exchange: FakeExchange
+) -> None:
+    never = asyncio.Event()
+
+    async def stuck_tokens() -> str:
+        await never.wait()
+        return "unreachable"
+
+    async def no_invalidate() -> None:
+        return None
+
+    upstream = ExchangeOnlineUpstream(
+        host="127.0.0.1",
+        port=exchange.port,
+        mailbox=MAILBOX,
+        tokens=stuck_tokens,
+        invalidate=no_invalidate,
+        tls_context=client_tls_context(pki.ca_file),
+        timeout=5,
+        local_hostname="relay.test",
+        token_timeout=0.3,
+    )
+    with pytest.raises(TokenError) as refused:
+        await asyncio.wait_for(upstream.open(), 10)
+    assert refused.value.error == "token_timeout"
+
+
+async def test_a_positive_reply_to_rcpt_is_never_taken_for_a_delivery(
+    make_upstream: UpstreamFactory,
+    exchange: FakeExchange,
+    sessions: list[ExchangeOnlineSession],
+) -> None:
+    """aiosmtplib raises on RCPT 252; that recipient was not accepted for delivery."""
+    session = await open_session(make_upstream(), sessions)
+    exchange.inject("rcpt", "252 2.1.5 Cannot VRFY user, but will accept", rcpt="odd@example.org")
+    outcomes = await session.send(make_entry("bob@example.org", "odd@example.org"), BODY)
+    stage, reply = outcomes["odd@example.org"]
+    assert (stage, reply.code, reply.enhanced) == (Stage.RCPT, 451, "4.4.0")
+    assert_delivered(outcomes["bob@example.org"])
+
+
+def test_final_reply_timeout_grows_with_the_size_up_to_ten_minutes() -> None:
+    assert final_reply_timeout(60, 1000) == pytest.approx(60.01)
+    assert final_reply_timeout(60, 35_000_000) == 410
+    assert final_reply_timeout(60, 150 * 2**20) == 600
+    assert final_reply_timeout(900, 10) == 900
