@@ -10,6 +10,7 @@ repr or in `render()`. Reads only the config and secret files; no other I/O.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -60,8 +62,8 @@ def parse_duration(value: object) -> float:
             raise ValueError(f"{value!r} is not a duration such as '30s', '1m', '1h' or '5d'")
     else:
         raise ValueError("expected a duration such as '30s', '1m', '1h' or '5d'")
-    if seconds <= 0:
-        raise ValueError("must be longer than zero")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("must be a finite duration longer than zero")
     return seconds
 
 
@@ -133,6 +135,15 @@ def _to_path(value: object) -> object:
 OptionalPath = Annotated[Path | None, BeforeValidator(_to_path)]
 
 
+def _readable_file(value: Path | None) -> Path | None:
+    if value is not None and not value.is_file():
+        raise ValueError(f"{str(value)!r} is not a readable file")
+    return value
+
+
+OptionalFile = Annotated[Path | None, BeforeValidator(_to_path), AfterValidator(_readable_file)]
+
+
 def _field_problem(key: str, reason: str) -> PydanticCustomError:
     """A model-level problem reported at the path of one of its fields."""
     return PydanticCustomError("field_problems", reason, {"problems": [(key, reason)]})
@@ -151,6 +162,13 @@ class SmtpSettings(_Section):
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
     max_message_size: int = Field(default=36_700_160, ge=1024)
     max_recipients: int = Field(default=500, ge=1, le=100_000)
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname_is_a_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9._-]*[A-Za-z0-9_])?", value):
+            raise ValueError(f"{value!r} is not a host name (letters, digits, dots, hyphens)")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -200,7 +218,7 @@ class OAuthSettings(_Section):
     client_secret_file: OptionalPath = None
     certificate_file: OptionalPath = None
     authority: str = "https://login.microsoftonline.com"
-    ca_file: OptionalPath = None
+    ca_file: OptionalFile = None
     scope: str = "https://outlook.office365.com/.default"
     timeout: Duration = 30.0
 
@@ -281,7 +299,7 @@ class UpstreamSettings(_Section):
     host: str = "smtp.office365.com"
     port: int = Field(default=587, ge=1, le=65535)
     mailbox: str = ""
-    tls_ca_file: OptionalPath = None
+    tls_ca_file: OptionalFile = None
     path: OptionalPath = None
     timeout: Duration = 60.0
     oauth: OAuthSettings = Field(default_factory=OAuthSettings)

@@ -157,10 +157,9 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         running.ready.set()
         await stop.wait()
         grace = settings.server.shutdown_grace
-        deadline = time.monotonic() + grace
         log.info("stopping: no new connections; draining for up to %.0fs", grace)
-        await ingress.drain(grace)
-        await delivery.stop(max(1.0, deadline - time.monotonic()))
+        # one deadline for both: sessions finish their transactions while deliveries finish
+        await asyncio.gather(ingress.drain(grace), delivery.stop(grace))
     finally:
         ingress.stop_accepting()
         await metrics_server.stop()

@@ -366,6 +366,12 @@ class Delivery:
         entry = outcome.entry
         try:
             await self._spool_call(self._store, entry)
+        except FileNotFoundError:
+            log.warning(
+                "left active/ while being delivered (removed by hand?); outcome not recorded",
+                extra={"queue_id": entry.queue_id},
+            )
+            return
         except (SpoolError, OSError):
             log.exception(
                 "could not record the outcome; keeping it in memory and retrying the write "

@@ -31,7 +31,8 @@ log = logging.getLogger("relay.ingress")
 IDENT = "ESMTP oauth-relay"
 COMMAND_TIMEOUT = 300.0
 REFUSED_COMMANDS = 5  # lines answered after a 554 greeting before the connection is closed
-REFUSED_WAIT = 10.0  # seconds to wait for each of them
+REFUSED_WAIT = 5.0  # seconds to wait for each of them
+MAX_REFUSED_SESSIONS = 16  # beyond this many at once, a refused client is closed at once
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,23 @@ class RelayHandler:
             smtputf8=needs_smtputf8(envelope, body),
             eightbit=not body.isascii(),
         )
+        commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body))
+        # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
+        # this handler, not the delivery of a message that did reach the disk.
+        commit.add_done_callback(lambda done: self._committed(entry, done))
         try:
-            await asyncio.to_thread(self._spool.commit, entry, body)
+            await asyncio.shield(commit)
         except Exception:
             log.exception("spool commit failed; answered 451", extra={"queue_id": queue_id})
             self._metrics.received.labels(result="error").inc()
             return str(replies.TEMPORARY_FAILURE)
+        if self.draining and server.transport is not None:
+            asyncio.get_running_loop().call_soon(server.transport.close)
+        return str(replies.queued(queue_id))
+
+    def _committed(self, entry: QueueEntry, commit: asyncio.Future[None]) -> None:
+        if commit.cancelled() or commit.exception() is not None:
+            return
         self._metrics.received.labels(result="accepted").inc()
         log.info(
             "accepted from=<%s> rcpts=%d size=%d client=%s helo=%s",
@@ -176,15 +188,12 @@ class RelayHandler:
             entry.size,
             entry.client,
             entry.helo,
-            extra={"queue_id": queue_id},
+            extra={"queue_id": entry.queue_id},
         )
         try:
             self._on_commit(entry)
-        except Exception:  # the message is safe in incoming/; the next start schedules it
-            log.exception("could not schedule the message", extra={"queue_id": queue_id})
-        if self.draining and server.transport is not None:
-            asyncio.get_running_loop().call_soon(server.transport.close)
-        return str(replies.queued(queue_id))
+        except Exception:  # the message is safe in incoming/; the reconcile pass finds it
+            log.exception("could not schedule the message", extra={"queue_id": entry.queue_id})
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s: %s", type(error).__name__, error, exc_info=error)
@@ -227,7 +236,12 @@ class RelaySMTP(SMTP):
             log.warning("refused client %s: not in smtp.allow", client or "(unknown)")
             self._relay_handler._metrics.received.labels(result="refused_allowlist").inc()
             await self.push(str(replies.ACCESS_DENIED))
-            await self._refuse_until_quit()
+            if self._sessions.refused_open < MAX_REFUSED_SESSIONS:
+                self._sessions.refused_open += 1
+                try:
+                    await self._refuse_until_quit()
+                finally:
+                    self._sessions.refused_open -= 1
             if self.transport is not None:
                 self.transport.close()
             return
@@ -267,6 +281,7 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._open: set[RelaySMTP] = set()
+        self.refused_open = 0
         self._changed = asyncio.Event()
 
     def add(self, session: RelaySMTP) -> None:

@@ -76,6 +76,16 @@ def _write_new(path: Path, data: bytes, written: list[Path]) -> None:
     written.append(path)
 
 
+def _free_name(path: Path) -> Path:
+    """`path`, or `path` with a numbered suffix when something is already there: quarantine
+    never overwrites what an earlier quarantine kept."""
+    candidate, number = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.{number}")
+        number += 1
+    return candidate
+
+
 class Spool:
     """A spool directory. Open it once per process; the daemon also takes its lock."""
 
@@ -198,7 +208,12 @@ class Spool:
         return self.move(queue_id, src, State.ACTIVE)
 
     def save(self, entry: QueueEntry, src: State, dst: State) -> None:
-        """Durably rewrite an entry's metadata in `src`, then move it to `dst`."""
+        """Durably rewrite an entry's metadata in `src`, then move it to `dst`.
+
+        FileNotFoundError when the message is no longer in `src` (someone else moved or
+        deleted it): a save never brings back a message that left its state."""
+        if not self.meta_path(src, entry.queue_id).exists():
+            raise FileNotFoundError(f"{entry.queue_id} is no longer in {src.value}/")
         tmp_meta = self.tmp / f"{entry.queue_id}.{secrets.token_hex(4)}.json"
         try:
             write_private_file(tmp_meta, entry.dumps())
@@ -221,12 +236,14 @@ class Spool:
         """Move an unreadable message, metadata and body, to corrupt/. Never deletes."""
         corrupt = self.dir(State.CORRUPT)
         moved = False
-        for src, dst in (
-            (self.meta_path(state, queue_id), corrupt / f"{queue_id}.json"),
-            (self.body_path(queue_id), corrupt / f"{queue_id}.eml"),
+        # body first: a crash in between leaves metadata whose body is missing, which the next
+        # recovery quarantines too; the other order would leave an "orphan" body to remove
+        for src, name in (
+            (self.body_path(queue_id), f"{queue_id}.eml"),
+            (self.meta_path(state, queue_id), f"{queue_id}.json"),
         ):
             try:
-                os.replace(src, dst)
+                os.replace(src, _free_name(corrupt / name))
                 moved = True
             except FileNotFoundError:
                 continue
@@ -268,7 +285,7 @@ class Spool:
                 name = item.name
                 if name.endswith(".json") and valid_queue_id(name[:-5]):
                     continue
-                target = self.dir(State.CORRUPT) / f"stray-{state.value}-{name}"
+                target = _free_name(self.dir(State.CORRUPT) / f"stray-{state.value}-{name}")
                 os.replace(item, target)
                 report.quarantined.append(name)
                 log.error("stray file %s in %s/ moved to corrupt/", name, state.value)

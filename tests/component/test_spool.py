@@ -598,3 +598,27 @@ def test_valid_queue_id_rejects_a_trailing_newline() -> None:
 @pytest.mark.parametrize("queue_id", ["0193A1B2C3D4", "0193A1B2C3D4E5F60", "F" * 32])
 def test_valid_queue_id_accepts(queue_id: str) -> None:
     assert valid_queue_id(queue_id) is True
+
+
+def test_save_never_brings_back_a_message_that_left_its_state(spool: Spool) -> None:
+    entry = make_entry()
+    spool.commit(entry, BODY)
+    assert spool.claim(entry.queue_id, State.INCOMING)
+    spool.remove(entry.queue_id, State.ACTIVE)  # e.g. deleted by an admin meanwhile
+    with pytest.raises(FileNotFoundError):
+        spool.save(entry, State.ACTIVE, State.DEFERRED)
+    assert spool.find(entry.queue_id) is None
+    assert not list(spool.tmp.iterdir())
+
+
+def test_quarantine_never_overwrites_an_earlier_quarantine(spool: Spool) -> None:
+    entry = make_entry()
+    spool.commit(entry, BODY)
+    corrupt = spool.dir(State.CORRUPT)
+    (corrupt / f"{entry.queue_id}.json").write_bytes(b"kept from before")
+    (corrupt / f"{entry.queue_id}.eml").write_bytes(b"kept body")
+    spool.quarantine(entry.queue_id, State.INCOMING, "test")
+    assert (corrupt / f"{entry.queue_id}.json").read_bytes() == b"kept from before"
+    assert (corrupt / f"{entry.queue_id}.eml").read_bytes() == b"kept body"
+    assert (corrupt / f"{entry.queue_id}.eml.1").read_bytes() == BODY
+    assert (corrupt / f"{entry.queue_id}.json.1").exists()

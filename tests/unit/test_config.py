@@ -357,9 +357,33 @@ def test_bad_durations(tmp_path: Path) -> None:
     )
     assert problems_of(write(tmp_path, text)) == [
         ("delivery.max_age", "'5 fortnights' is not a duration such as '30s', '1m', '1h' or '5d'"),
-        ("delivery.retry_initial", "must be longer than zero"),
+        ("delivery.retry_initial", "must be a finite duration longer than zero"),
         ("delivery.retry_max", "expected a duration such as '30s', '1m', '1h' or '5d'"),
         ("server.shutdown_grace", "'-5s' is not a duration such as '30s', '1m', '1h' or '5d'"),
+    ]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_durations_are_refused(tmp_path: Path, value: str) -> None:
+    text = MAILDIR + f"\n[delivery]\nretry_max = {value}\n"
+    assert problems_of(write(tmp_path, text)) == [
+        ("delivery.retry_max", "must be a finite duration longer than zero")
+    ]
+
+
+def test_ca_files_must_exist(tmp_path: Path) -> None:
+    text = MAILDIR.replace(
+        'kind = "maildir"', 'kind = "maildir"\ntls_ca_file = "/nonexistent/ca.pem"'
+    )
+    assert problems_of(write(tmp_path, text)) == [
+        ("upstream.tls_ca_file", "'/nonexistent/ca.pem' is not a readable file")
+    ]
+
+
+def test_hostname_must_be_a_host_name(tmp_path: Path) -> None:
+    text = MAILDIR.replace("[smtp]", '[smtp]\nhostname = "relais-épinal"')
+    assert problems_of(write(tmp_path, text)) == [
+        ("smtp.hostname", "'relais-épinal' is not a host name (letters, digits, dots, hyphens)")
     ]
 
 
