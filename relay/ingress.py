@@ -24,6 +24,7 @@ from relay import replies
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
 from relay.policy import Network, peer_allowed, recipient_limit_reached
+from relay.smtpdata import DataAborted, DataReader
 from relay.spool import Spool, new_queue_id
 
 log = logging.getLogger("relay.ingress")
@@ -195,6 +196,22 @@ class RelayHandler:
         except Exception:  # the message is safe in incoming/; the reconcile pass finds it
             log.exception("could not schedule the message", extra={"queue_id": entry.queue_id})
 
+    def too_big(self) -> None:
+        self._metrics.received.labels(result="too_big").inc()
+
+    def data_aborted(self, server: SMTP, bare_lf_end: bool) -> None:
+        client = peer_host(server.session.peer) if server.session else ""
+        if bare_lf_end:
+            log.warning(
+                "client %s ended DATA with a bare LF dot (<LF>.<LF>) and hung up: nothing was "
+                "accepted; fix the sender to end lines with CRLF (e.g. printf '.\\r\\n')",
+                client,
+            )
+            self._metrics.received.labels(result="bare_lf_end").inc()
+        else:
+            log.info("client %s closed the connection during DATA: nothing accepted", client)
+            self._metrics.received.labels(result="aborted").inc()
+
     async def handle_exception(self, error: Exception) -> str:
         log.error("SMTP session error: %s: %s", type(error).__name__, error, exc_info=error)
         self._metrics.received.labels(result="error").inc()
@@ -202,7 +219,10 @@ class RelayHandler:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with the allowlist gate in front and a registry of open sessions."""
+    """aiosmtpd's protocol with the allowlist gate in front, our own DATA reader and a
+    registry of open sessions."""
+
+    line_length_limit = 64 * 1024  # the stream buffer; command lines stay at 512 (aiosmtpd)
 
     def __init__(self, handler: RelayHandler, limits: IngressLimits, sessions: SessionRegistry):
         super().__init__(
@@ -246,6 +266,35 @@ class RelaySMTP(SMTP):
                 self.transport.close()
             return
         await super()._handle_client()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA with our own reader: bare LF and long lines accepted, only <CRLF>.<CRLF> ends
+        the data, the size limit applied to the unstuffed body while receiving."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(str(replies.NEED_RCPT))
+            return
+        if arg:
+            await self.push(str(replies.DATA_SYNTAX))
+            return
+        await self.push(str(replies.START_DATA))
+        reader = DataReader(self._reader, self._limits.max_message_size, self._reset_timeout)
+        try:
+            result = await reader.read()
+        except (DataAborted, asyncio.CancelledError):
+            self._relay_handler.data_aborted(self, reader.ended_with_bare_lf_dot)
+            raise
+        if result.data is None:
+            self._relay_handler.too_big()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(replies.MESSAGE_TOO_BIG))
+            return
+        self.envelope.content = self.envelope.original_content = result.data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
 
     async def _refuse_until_quit(self) -> None:
         """RFC 5321 3.1: after a 554 greeting, answer 503 until QUIT (a few lines, briefly)."""

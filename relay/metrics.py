@@ -45,6 +45,17 @@ class _QueueDepth(Collector):
         yield family
 
 
+RECEIVED_RESULTS = (
+    "accepted",
+    "refused_allowlist",
+    "too_big",
+    "too_many_recipients",
+    "aborted",
+    "bare_lf_end",
+    "error",
+)
+
+
 class Metrics:
     """All of the relay's metrics, in a registry of their own."""
 
@@ -86,7 +97,7 @@ class Metrics:
             "relay_build_info", "Version of the running relay", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
-        for result in ("accepted", "refused_allowlist", "too_big", "too_many_recipients", "error"):
+        for result in RECEIVED_RESULTS:
             self.received.labels(result=result)
         for outcome in ("delivered", "deferred", "failed"):
             self.recipients.labels(outcome=outcome)

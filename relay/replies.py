@@ -63,6 +63,9 @@ BYE = SmtpReply(221, "2.0.0", "Bye")
 SENDER_OK = SmtpReply(250, "2.1.0", "Sender OK")
 RECIPIENT_OK = SmtpReply(250, "2.1.5", "Recipient OK")
 BAD_ADDRESS = SmtpReply(553, "5.1.7", "The address is not valid UTF-8")
+START_DATA = SmtpReply(354, "", "End data with <CR><LF>.<CR><LF>")
+NEED_RCPT = SmtpReply(503, "5.5.1", "Error: need RCPT command")
+DATA_SYNTAX = SmtpReply(501, "5.5.4", "Syntax: DATA")
 TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TEMPORARY_FAILURE = SmtpReply(451, "4.3.0", "Temporary failure, please try again later")
@@ -80,6 +83,9 @@ INGRESS_REPLIES: tuple[SmtpReply, ...] = (
     BYE,
     SENDER_OK,
     RECIPIENT_OK,
+    START_DATA,
+    NEED_RCPT,
+    DATA_SYNTAX,
     BAD_ADDRESS,
     TOO_MANY_RECIPIENTS,
     MESSAGE_TOO_BIG,
