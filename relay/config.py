@@ -124,6 +124,11 @@ def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"{value!r} is not an IP address or network (CIDR)") from exc
 
 
+def _blank_is_none(value: object) -> object:
+    """"" means "not set" (TOML has no null; check-config prints unset values as "")."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 def _to_path(value: object) -> object:
     if isinstance(value, str):
         if not value.strip():
@@ -302,7 +307,33 @@ class UpstreamSettings(_Section):
     tls_ca_file: OptionalFile = None
     path: OptionalPath = None
     timeout: Duration = 60.0
+    messages_per_minute: Annotated[int | None, BeforeValidator(_blank_is_none)] = Field(
+        default=None, ge=0
+    )
+    recipients_per_day: Annotated[int | None, BeforeValidator(_blank_is_none)] = Field(
+        default=None, ge=0
+    )
+    connections: Annotated[int | None, BeforeValidator(_blank_is_none)] = Field(
+        default=None, ge=1, le=64
+    )
     oauth: OAuthSettings = Field(default_factory=OAuthSettings)
+
+    def budget(self) -> tuple[int, int]:
+        """(messages per minute, recipients per day); 0 = unlimited. Exchange Online's
+        per-mailbox limits by default, none for the sandbox."""
+        exchange = self.kind == "exchange-online"
+        per_minute = self.messages_per_minute
+        per_day = self.recipients_per_day
+        return (
+            (30 if exchange else 0) if per_minute is None else per_minute,
+            (10_000 if exchange else 0) if per_day is None else per_day,
+        )
+
+    def max_connections(self) -> int:
+        """Sessions open at once to this upstream (Exchange allows 3 per mailbox)."""
+        if self.connections is not None:
+            return self.connections
+        return 3 if self.kind == "exchange-online" else 64
 
     @model_validator(mode="after")
     def _complete_for_kind(self) -> UpstreamSettings:

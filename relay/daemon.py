@@ -20,6 +20,7 @@ from relay.delivery import Delivery
 from relay.ingress import Ingress, IngressLimits, RelayHandler
 from relay.metrics import Metrics, MetricsServer
 from relay.osutil import install_stop_handlers, remove_stop_handlers
+from relay.pacing import Budget, Pacer
 from relay.spool import Spool
 from relay.tokens import MsalTokenProvider
 from relay.upstream import (
@@ -122,7 +123,15 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
             report.removed_partial,
         )
     metrics.watch_queue(lambda: {state.value: n for state, n in spool.depth().items()})
-    delivery = Delivery(spool, build_upstream(settings, metrics), settings.delivery, metrics)
+    per_minute, per_day = settings.upstream.budget()
+    delivery = Delivery(
+        spool,
+        build_upstream(settings, metrics),
+        settings.delivery,
+        metrics,
+        pacer=Pacer(Budget(per_minute, per_day)),
+        connections=settings.upstream.max_connections(),
+    )
     queued = await delivery.load_queue()
     smtp = settings.smtp
     limits = IngressLimits(

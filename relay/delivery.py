@@ -27,6 +27,7 @@ from relay.errors import CorruptEntry, SpoolError
 from relay.logs import redact
 from relay.metrics import Metrics
 from relay.model import Attempt, QueueEntry, RcptState, Recipient
+from relay.pacing import Budget, Pacer
 from relay.policy import Decision, Verdict, classify_error, classify_reply, expired, next_attempt
 from relay.policy import retry_delay as backoff
 from relay.replies import SmtpReply
@@ -39,7 +40,7 @@ log = logging.getLogger("relay.delivery")
 EXPIRED = SmtpReply(
     554, "5.4.7", "delivery time expired: message stayed queued longer than max_age"
 )
-IDLE_SESSION_SECONDS = 2.0
+IDLE_SESSION_SECONDS = 15.0  # an idle session is kept this long for the next paced message
 PAUSE_INITIAL = 5.0
 RECONCILE_SECONDS = 60.0
 SPOOL_DRAIN_SECONDS = 10.0
@@ -65,9 +66,13 @@ class Delivery:
         settings: DeliverySettings,
         metrics: Metrics,
         *,
+        pacer: Pacer | None = None,
+        connections: int = 64,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
+        self._pacer = pacer or Pacer(Budget())
+        self._workers = max(1, min(settings.concurrency, connections))
         self._spool = spool
         self._upstream = upstream
         self._settings = settings
@@ -145,8 +150,7 @@ class Delivery:
 
     def start(self) -> None:
         self._tasks = [
-            asyncio.create_task(self._worker(), name=f"delivery-{n}")
-            for n in range(self._settings.concurrency)
+            asyncio.create_task(self._worker(), name=f"delivery-{n}") for n in range(self._workers)
         ]
         self._tasks.append(asyncio.create_task(self._reconcile(), name="delivery-reconcile"))
 
@@ -203,7 +207,10 @@ class Delivery:
                 if self.paused:
                     await self.scheduler.wait(self._pause_left(), ignore_due=True)
                     continue
-                item = self.scheduler.pop_due()
+                item = self._next_paced()
+                if isinstance(item, float):
+                    await self.scheduler.wait(item, ignore_due=True)
+                    continue
                 if item is not None:
                     session = await self._deliver_guarded(item, session)
                     last_used = time.monotonic()
@@ -218,6 +225,16 @@ class Delivery:
             if session is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(session.close())
+
+    def _next_paced(self) -> tuple[str, State] | float | None:
+        """The next due message if the mailbox's budget has a slot for it (the slot is then
+        taken), the seconds until the next slot, or None when nothing is due."""
+        if self.scheduler.seconds_until_due() != 0:
+            return None
+        wait = self._pacer.reserve_message(self._clock())
+        if wait > 0:
+            return wait
+        return self.scheduler.pop_due()
 
     async def _deliver_guarded(
         self, item: tuple[str, State], session: UpstreamSession | None
@@ -266,6 +283,8 @@ class Delivery:
         entry = await self._load_active(queue_id)
         if entry is None:
             return session
+        if not await self._within_recipient_budget(entry):
+            return session
         if session is None:
             try:
                 session = await self._upstream.open()
@@ -275,6 +294,23 @@ class Delivery:
             self._session_failures = 0
         await self._attempt(entry, session)
         return session
+
+    async def _within_recipient_budget(self, entry: QueueEntry) -> bool:
+        """Take the message's recipients from the daily budget, or put it back until they fit."""
+        now = self._clock()
+        recipients = len(entry.pending)
+        wait = self._pacer.recipient_delay(now, recipients)
+        if wait <= 0:
+            self._pacer.take_recipients(now, recipients)
+            return True
+        log.warning(
+            "daily recipient budget of the mailbox reached; waiting %.0fs",
+            wait,
+            extra={"queue_id": entry.queue_id},
+        )
+        if await self._spool_call(self._spool.move, entry.queue_id, State.ACTIVE, State.DEFERRED):
+            self.scheduler.add(entry.queue_id, now + wait, State.DEFERRED)
+        return False
 
     async def _load_active(self, queue_id: str) -> QueueEntry | None:
         try:

@@ -66,6 +66,7 @@ def exchange_config(
             "mailbox": MAILBOX,
             "tls_ca_file": str(pki.ca_file),
             "timeout": "10s",
+            "messages_per_minute": 0,  # pacing is tested on its own
         },
         "upstream.oauth": {
             "tenant_id": entra.tenant_id,
