@@ -125,7 +125,7 @@ def parse_network(value: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 def _blank_is_none(value: object) -> object:
-    """"" means "not set" (TOML has no null; check-config prints unset values as "")."""
+    """ "" means "not set" (TOML has no null; check-config prints unset values as "")."""
     return None if isinstance(value, str) and not value.strip() else value
 
 
@@ -208,6 +208,18 @@ class DeliverySettings(_Section):
     concurrency: int = Field(default=3, ge=1, le=64)
     retry_initial: Duration = 60.0
     retry_max: Duration = 3600.0
+    bounce_to: str = "sender"
+    warn_after: Annotated[Duration | None, BeforeValidator(_blank_is_none)] = None
+
+    @field_validator("bounce_to")
+    @classmethod
+    def _bounce_target(cls, value: str) -> str:
+        value = value.strip()
+        if value.lower() in ("sender", "none"):
+            return value.lower()
+        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value):
+            raise ValueError('must be "sender", "none" or an address such as it@contoso.com')
+        return value
 
     @model_validator(mode="after")
     def _retry_order(self) -> DeliverySettings:
@@ -316,6 +328,20 @@ class UpstreamSettings(_Section):
     connections: Annotated[int | None, BeforeValidator(_blank_is_none)] = Field(
         default=None, ge=1, le=64
     )
+    send_as: list[str] = Field(default_factory=list)
+    from_header: Literal["keep", "rewrite"] = "rewrite"
+
+    @field_validator("send_as")
+    @classmethod
+    def _send_as_entries(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(r"([^@\s<>]+@)?@?[A-Za-z0-9.-]+\.[A-Za-z]{2,}", item.strip()):
+                raise ValueError(
+                    f"{item!r} is neither an address (scanner@contoso.com) nor a domain "
+                    "(@contoso.com)"
+                )
+        return [item.strip() for item in value]
+
     oauth: OAuthSettings = Field(default_factory=OAuthSettings)
 
     def budget(self) -> tuple[int, int]:

@@ -15,12 +15,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from relay.bounces import Bouncer
 from relay.config import Settings, parse_host_port
 from relay.delivery import Delivery
 from relay.ingress import Ingress, IngressLimits, RelayHandler
 from relay.metrics import Metrics, MetricsServer
 from relay.osutil import install_stop_handlers, remove_stop_handlers
 from relay.pacing import Budget, Pacer
+from relay.sender import SenderPolicy
 from relay.spool import Spool
 from relay.tokens import MsalTokenProvider
 from relay.upstream import (
@@ -69,6 +71,9 @@ def build_upstream(settings: Settings, metrics: Metrics) -> Upstream:
         tls_context=client_tls_context(upstream.tls_ca_file),
         timeout=upstream.timeout,
         local_hostname=settings.smtp.hostname,
+        policy=SenderPolicy(
+            upstream.mailbox, tuple(upstream.send_as), from_header=upstream.from_header
+        ),
     )
 
 
@@ -124,12 +129,23 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         )
     metrics.watch_queue(lambda: {state.value: n for state, n in spool.depth().items()})
     per_minute, per_day = settings.upstream.budget()
+    bouncer = Bouncer(
+        spool,
+        bounce_to=settings.delivery.bounce_to,
+        warn_after=settings.delivery.warn_after,
+        max_age=settings.delivery.max_age,
+        reporting_mta=settings.smtp.hostname,
+        from_address=notice_sender(settings),
+        enqueue=lambda entry: delivery.enqueue(entry),  # noqa: PLW0108 - bound below
+        metrics=metrics,
+    )
     delivery = Delivery(
         spool,
         build_upstream(settings, metrics),
         settings.delivery,
         metrics,
         pacer=Pacer(Budget(per_minute, per_day)),
+        notices=bouncer,
         connections=settings.upstream.max_connections(),
     )
     queued = await delivery.load_queue()
@@ -173,6 +189,13 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         ingress.stop_accepting()
         await metrics_server.stop()
     log.info("stopped")
+
+
+def notice_sender(settings: Settings) -> str:
+    """The From: of failure notices: the mailbox, which may always send as itself."""
+    if settings.upstream.kind == "exchange-online":
+        return settings.upstream.mailbox
+    return f"MAILER-DAEMON@{settings.smtp.hostname}"
 
 
 def _join_host_port(host: str, port: int) -> str:

@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 from relay.config import DeliverySettings
 from relay.errors import CorruptEntry, SpoolError
@@ -56,6 +56,17 @@ class _Outcome:
     entry: QueueEntry
     summary: str
     due: float
+    warn: bool = False  # send a delay notice once this is stored
+
+
+class Notices(Protocol):
+    """Where failure and delay notices go (bounces.Bouncer); delivery only reports."""
+
+    def wants_delay_warning(self, entry: QueueEntry, now: float) -> bool: ...
+
+    async def failed(self, entry: QueueEntry) -> None: ...
+
+    async def delayed(self, entry: QueueEntry) -> None: ...
 
 
 class Delivery:
@@ -67,11 +78,13 @@ class Delivery:
         metrics: Metrics,
         *,
         pacer: Pacer | None = None,
+        notices: Notices | None = None,
         connections: int = 64,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._pacer = pacer or Pacer(Budget())
+        self._notices = notices
         self._workers = max(1, min(settings.concurrency, connections))
         self._spool = spool
         self._upstream = upstream
@@ -385,6 +398,13 @@ class Delivery:
                 "expired after %d attempts", entry.attempts + 1, extra={"queue_id": entry.queue_id}
             )
         summary = _summary(updated)
+        warn = (
+            summary == "deferred"
+            and self._notices is not None
+            and self._notices.wants_delay_warning(updated, now)
+        )
+        if warn:
+            updated = replace(updated, warned=True)
         reply = next((redact(str(d.reply)) for d in decisions.values()), "")
         due = next_attempt(
             entry.attempts + 1,
@@ -396,7 +416,7 @@ class Delivery:
         updated = updated.after_attempt(
             Attempt(now, summary, reply), due if not updated.done else 0.0
         )
-        await self._store_outcome(_Outcome(updated, summary, due))
+        await self._store_outcome(_Outcome(updated, summary, due, warn))
 
     async def _store_outcome(self, outcome: _Outcome) -> None:
         entry = outcome.entry
@@ -421,6 +441,12 @@ class Delivery:
         self._count(entry, outcome.summary)
         if not entry.done:
             self.scheduler.add(entry.queue_id, outcome.due, State.DEFERRED)
+        if self._notices is None:
+            return
+        if entry.done and entry.any_failed:
+            await self._notices.failed(entry)
+        elif outcome.warn:
+            await self._notices.delayed(entry)
 
     def _store(self, entry: QueueEntry) -> None:
         if not entry.done:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -59,6 +61,21 @@ def needs_smtputf8(envelope: Envelope, body: bytes) -> bool:
         return True
     header_end = body.find(b"\r\n\r\n")
     return not body[: header_end if header_end >= 0 else len(body)].isascii()
+
+
+def received_header(
+    *, helo: str, client: str, hostname: str, protocol: str, queue_id: str, stamp: str
+) -> bytes:
+    """`Received: from <helo> ([<client>]) by <us> (oauth-relay) with <protocol> id <id>; <date>`
+    (RFC 5321 4.4), folded. The HELO name is the client's own word: characters that do not
+    belong in a host name are replaced, so it can never inject header text."""
+    safe_helo = re.sub(r"[^A-Za-z0-9._:\[\]-]", "?", helo)[:255] or "unknown"
+    literal = f"IPv6:{client}" if ":" in client else client
+    return (
+        f"Received: from {safe_helo} ([{literal}])\r\n"
+        f"\tby {hostname} (oauth-relay) with {protocol} id {queue_id};\r\n"
+        f"\t{stamp}\r\n"
+    ).encode("ascii", "replace")
 
 
 def declared_size(options: Sequence[str]) -> int:
@@ -153,6 +170,7 @@ class RelayHandler:
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.MESSAGE_TOO_BIG)
         queue_id = new_queue_id(self._clock())
+        body = self._trace(server, session, envelope, queue_id) + body
         entry = QueueEntry(
             queue_id=queue_id,
             mail_from=envelope.mail_from or "",
@@ -177,6 +195,22 @@ class RelayHandler:
         if self.draining and server.transport is not None:
             asyncio.get_running_loop().call_soon(server.transport.close)
         return str(replies.queued(queue_id))
+
+    def _trace(self, server: SMTP, session: Session, envelope: Envelope, queue_id: str) -> bytes:
+        """The Received: line this relay adds on top (RFC 5321 4.4)."""
+        client = peer_host(session.peer)
+        helo = session.host_name or client
+        utf8 = envelope.smtp_utf8
+        protocol = ("UTF8SMTP" if utf8 else "ESMTP") if session.extended_smtp else "SMTP"
+        stamp = formatdate(self._clock(), localtime=False, usegmt=False)
+        return received_header(
+            helo=helo,
+            client=client,
+            hostname=self._limits.hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            stamp=stamp,
+        )
 
     def _committed(self, entry: QueueEntry, commit: asyncio.Future[None]) -> None:
         if commit.cancelled() or commit.exception() is not None:

@@ -90,6 +90,9 @@ class Metrics:
         self.token_requests = Counter(
             "relay_token_requests", "Access token requests by result", ["result"], registry=r
         )
+        self.notices = Counter(
+            "relay_notices_queued", "Failure and delay notices queued", ["kind"], registry=r
+        )
         self.quarantined = Counter(
             "relay_spool_quarantined", "Spool entries moved to corrupt/", registry=r
         )

@@ -67,6 +67,7 @@ class QueueEntry:
     attempts: int = 0
     next_attempt_at: float = 0.0
     history: tuple[Attempt, ...] = field(default_factory=tuple)
+    warned: bool = False  # a delay notice was sent
 
     @property
     def pending(self) -> tuple[Recipient, ...]:
@@ -104,6 +105,7 @@ class QueueEntry:
             "attempts": self.attempts,
             "next_attempt_at": self.next_attempt_at,
             "history": [a.to_json() for a in self.history],
+            "warned": self.warned,
         }
 
     def dumps(self) -> bytes:
@@ -130,6 +132,7 @@ class QueueEntry:
             attempts=int(data.get("attempts", 0)),
             next_attempt_at=float(data.get("next_attempt_at", 0.0)),
             history=tuple(Attempt.from_json(a) for a in data.get("history", [])),
+            warned=bool(data.get("warned", False)),
         )
 
     @classmethod

@@ -11,6 +11,7 @@ Library exceptions become UpstreamError(stage, detail, reply) here and nowhere e
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import socket
@@ -27,6 +28,9 @@ from relay.model import QueueEntry
 from relay.osutil import fsync_dir, make_private_dir, write_private_file
 from relay.policy import Stage
 from relay.replies import SmtpReply
+from relay.sender import SenderPolicy, apply_sender_policy
+
+log = logging.getLogger("relay.upstream")
 
 TokenSource = Callable[[], Awaitable[str]]
 FINAL_REPLY_MAX = 600.0
@@ -118,25 +122,38 @@ def _connect_error(exc: BaseException) -> UpstreamError:
 class ExchangeOnlineSession:
     """One authenticated SMTP session; reusable until `usable` turns False."""
 
-    def __init__(self, client: aiosmtplib.SMTP, token: str | None) -> None:
+    def __init__(
+        self, client: aiosmtplib.SMTP, token: str | None, policy: SenderPolicy | None = None
+    ) -> None:
         self._client = client
         self.token = token
         self.usable = True
         self._stage = "mail"
+        self._policy = policy
 
     async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
         pending = [r.address for r in entry.pending]
+        mail_from, body = self._apply_policy(entry, body)
         if entry.smtputf8 and not self._client.supports_extension("smtputf8"):
             return {address: (Stage.MAIL, NO_SMTPUTF8) for address in pending}
         options, encoding = self._mail_options(entry)
         try:
-            return await self._transaction(entry.mail_from, pending, body, options, encoding)
+            return await self._transaction(mail_from, pending, body, options, encoding)
         except (TimeoutError, aiosmtplib.SMTPTimeoutError):  # before OSError: it is one
             self.usable = False
             raise UpstreamTimeout(self._stage, "upstream stopped answering") from None
         except (aiosmtplib.SMTPServerDisconnected, ConnectionError, OSError) as exc:
             self.usable = False
             raise UpstreamError(self._stage, f"connection lost: {exc}") from None
+
+    def _apply_policy(self, entry: QueueEntry, body: bytes) -> tuple[str, bytes]:
+        """The sender policy (SendAs) of this upstream; what it changes is logged."""
+        if self._policy is None:
+            return entry.mail_from, body
+        rewrite = apply_sender_policy(self._policy, entry.mail_from, body)
+        for change in rewrite.changes:
+            log.info("sender policy: %s", change, extra={"queue_id": entry.queue_id})
+        return rewrite.mail_from, rewrite.data
 
     def _mail_options(self, entry: QueueEntry) -> tuple[list[str], str]:
         options: list[str] = []
@@ -236,8 +253,10 @@ class ExchangeOnlineUpstream:
         timeout: float,
         local_hostname: str,
         token_timeout: float = 90.0,
+        policy: SenderPolicy | None = None,
         name: str = "exchange-online",
     ) -> None:
+        self._policy = policy
         self._token_timeout = token_timeout
         self.name = name
         self._host, self._port, self._mailbox = host, port, mailbox
@@ -272,7 +291,7 @@ class ExchangeOnlineUpstream:
             if isinstance(exc, asyncio.CancelledError | TokenError):
                 raise
             raise _connect_error(exc) from None
-        return ExchangeOnlineSession(client, self._last_token)
+        return ExchangeOnlineSession(client, self._last_token, self._policy)
 
     async def token_refused(self) -> None:
         token = self._last_token

@@ -36,7 +36,7 @@ def exchange(pki: TestPKI, entra: FakeEntra) -> Iterator[FakeExchange]:
     fake = FakeExchange(
         tls_context=pki.server_context(), validate_token=entra.validate_access_token
     )
-    fake.add_mailbox(MAILBOX, send_as=["scanner@contoso.com"])
+    fake.add_mailbox(MAILBOX, send_as=["scanner@contoso.com", "jürgen@contoso.com"])
     with fake:
         yield fake
 
@@ -67,6 +67,7 @@ def exchange_config(
             "tls_ca_file": str(pki.ca_file),
             "timeout": "10s",
             "messages_per_minute": 0,  # pacing is tested on its own
+            "send_as": ["scanner@contoso.com", "jürgen@contoso.com"],  # as the fake's mailbox
         },
         "upstream.oauth": {
             "tenant_id": entra.tenant_id,

@@ -231,3 +231,18 @@ def spool_meta(spool: Path, queue_id: str) -> dict[str, Any]:
     state = spool_state(spool, queue_id)
     assert state is not None, f"{queue_id} is not in the spool"
     return json.loads((spool / state / f"{queue_id}.json").read_text(encoding="utf-8"))
+
+
+TRACE = re.compile(
+    rb"\AReceived: from [^\r\n]*\r\n\tby (?P<by>\S+) \(oauth-relay\) with (?P<proto>\S+) "
+    rb"id (?P<id>[0-9A-F]+);\r\n\t[^\r\n]+\r\n"
+)
+
+
+def strip_trace(data: bytes, queue_id: str | None = None) -> bytes:
+    """The message without the Received: line the relay put on top (which must be there)."""
+    match = TRACE.match(data)
+    assert match is not None, f"no oauth-relay Received: line on top: {data[:200]!r}"
+    if queue_id is not None:
+        assert match.group("id").decode() == queue_id
+    return data[match.end() :]

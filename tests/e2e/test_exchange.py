@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 from pathlib import Path
 
 from tests.conftest import CLIENT_ID, MAILBOX, RelayFactory, exchange_config
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.pki import TestPKI
-from tests.relayproc import RelayProcess, queue_id_of, spool_meta, spool_state, wait_until
+from tests.relayproc import (
+    RelayProcess,
+    queue_id_of,
+    spool_meta,
+    spool_state,
+    strip_trace,
+    wait_until,
+)
 
 MESSAGE = (
     b"From: Relay <relay@contoso.com>\r\n"
@@ -31,7 +40,7 @@ def test_message_arrives_with_same_envelope_and_bytes(
     [received] = exchange.wait_for_messages(1, timeout=20)
     assert received.mail_from == MAILBOX
     assert received.rcpt_tos == ("bob@example.org", "carol@example.net")
-    assert received.data == MESSAGE
+    assert strip_trace(received.data, queue_id) == MESSAGE
     assert received.auth_user == MAILBOX
     assert received.tls_version in ("TLSv1.2", "TLSv1.3")
     wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
@@ -132,17 +141,22 @@ def test_upstream_4xx_defers_then_delivers(
     queue_id = _deliver_once(exchange_relay, exchange)
     exchange_relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred .*451 4\.7\.500")
     [received] = exchange.wait_for_messages(1, timeout=20)
-    assert received.data == MESSAGE
+    assert strip_trace(received.data, queue_id) == MESSAGE
     wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
     assert exchange_relay.metrics()["relay_messages_deferred_total"] == 1
 
 
-def test_upstream_5xx_moves_message_to_failed_with_reply(
+def test_upstream_5xx_moves_message_to_failed_and_the_sender_gets_a_dsn(
     exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
 ) -> None:
-    """A sender the mailbox may not send as: Exchange answers 554 5.2.252 after the data."""
-    data = MESSAGE.replace(b"From: Relay <relay@contoso.com>", b"From: <noreply@contoso.com>")
-    code, reply = exchange_relay.submit("noreply@contoso.com", ["bob@example.org"], data)
+    """Exchange refuses the message after the data (554 5.2.252): it goes to failed/ with the
+    reply, and an RFC 3464 report goes back to the sender through the relay."""
+    exchange.inject(
+        "eod",
+        "554 5.2.252 SendAsDenied; relay@contoso.com not allowed to send as "
+        "noreply@contoso.com; STOREDRV.Submission.Exception:SendAsDeniedException",
+    )
+    code, reply = exchange_relay.submit("noreply@contoso.com", ["bob@example.org"], MESSAGE)
     assert code == 250
     queue_id = queue_id_of(reply)
     spool = tmp_path / "spool"
@@ -152,8 +166,20 @@ def test_upstream_5xx_moves_message_to_failed_with_reply(
     assert rcpt["state"] == "failed"
     assert rcpt["reply"].startswith("554 5.2.252 SendAsDenied;")
     assert meta["history"][-1]["outcome"] == "failed"
-    assert exchange.messages == []
-    assert exchange_relay.metrics()['relay_messages_failed_total{reason="rejected"}'] == 1
+
+    [notice] = exchange.wait_for_messages(1, timeout=20)
+    assert notice.rcpt_tos == ("noreply@contoso.com",)
+    assert notice.mail_from == MAILBOX  # the null sender, made a permitted one by the policy
+    report = email.message_from_bytes(notice.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = report.get_payload()[1].get_payload()
+    assert status[1]["Final-Recipient"] == "rfc822; bob@example.org"
+    assert status[1]["Action"] == "failed"
+    assert status[1]["Status"] == "5.2.252"
+    metrics = exchange_relay.metrics()
+    assert metrics['relay_messages_failed_total{reason="rejected"}'] == 1
+    assert metrics['relay_notices_queued_total{kind="failure"}'] == 1
 
 
 def test_connection_dropped_mid_data_is_retried(
@@ -163,7 +189,7 @@ def test_connection_dropped_mid_data_is_retried(
     queue_id = _deliver_once(exchange_relay, exchange)
     exchange_relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred")
     [received] = exchange.wait_for_messages(1, timeout=20)
-    assert received.data == MESSAGE
+    assert strip_trace(received.data, queue_id) == MESSAGE
     wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
 
 
@@ -176,7 +202,7 @@ def test_connection_lost_after_final_dot_is_resent_and_counted(
     queue_id = _deliver_once(exchange_relay, exchange)
     exchange_relay.wait_for_log(rf"\[{queue_id}\] outcome unknown")
     received = exchange.wait_for_messages(2, timeout=20)
-    assert [m.data for m in received] == [MESSAGE, MESSAGE]
+    assert [strip_trace(m.data, queue_id) for m in received] == [MESSAGE, MESSAGE]
     wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "spool cleanup")
     assert exchange_relay.metrics()["relay_delivery_ambiguous_total"] == 1
 
@@ -194,8 +220,12 @@ def test_partial_recipient_refusal_never_resends_to_accepted(
     queue_id = queue_id_of(reply)
     spool = tmp_path / "spool"
     wait_until(lambda: spool_state(spool, queue_id) == "failed", 20, "message in failed/")
-    received = exchange.wait_for_messages(2, timeout=20)
-    assert [m.rcpt_tos for m in received] == [("bob@example.org",), ("later@example.org",)]
+    received = exchange.wait_for_messages(3, timeout=20)
+    copies = [m.rcpt_tos for m in received if m.rcpt_tos != (MAILBOX,)]
+    assert copies == [("bob@example.org",), ("later@example.org",)]
+    [notice] = [m for m in received if m.rcpt_tos == (MAILBOX,)]  # the sender's DSN
+    assert b"Final-Recipient: rfc822; gone@example.org" in notice.data
+    assert b"bob@example.org" not in notice.data.split(b"text/rfc822-headers")[0]
     states = {
         r["address"]: (r["state"], r["reply"][:9])
         for r in spool_meta(spool, queue_id)["recipients"]
@@ -210,7 +240,6 @@ def test_partial_recipient_refusal_never_resends_to_accepted(
 def test_non_ascii_address_and_headers_arrive_intact(
     exchange_relay: RelayProcess, exchange: FakeExchange
 ) -> None:
-    exchange.add_mailbox(MAILBOX, send_as=["jürgen@contoso.com"])
     data = (
         "From: Jürgen Müller <jürgen@contoso.com>\r\nTo: <zoë@example.org>\r\n"
         "Subject: Grüße aus Köln\r\n\r\nSchöne Grüße\r\n"
@@ -222,7 +251,7 @@ def test_non_ascii_address_and_headers_arrive_intact(
     [received] = exchange.wait_for_messages(1, timeout=20)
     assert received.mail_from == "jürgen@contoso.com"
     assert received.rcpt_tos == ("zoë@example.org",)
-    assert received.data == data
+    assert strip_trace(received.data) == data
     assert "SMTPUTF8" in [o.upper() for o in received.mail_options]
     assert "BODY=8BITMIME" in [o.upper() for o in received.mail_options]
 
@@ -233,7 +262,7 @@ def test_raw_8bit_body_without_declaration_passes_with_8bitmime(
     data = MESSAGE.replace(b"Hello Bob,", "Grüße, Bob".encode("latin-1"))
     _deliver_once(exchange_relay, exchange, data)
     [received] = exchange.wait_for_messages(1, timeout=20)
-    assert received.data == data
+    assert strip_trace(received.data) == data
     assert "BODY=8BITMIME" in [o.upper() for o in received.mail_options]
 
 

@@ -591,6 +591,8 @@ def test_render_round_trips_through_tomllib(tmp_path: Path) -> None:
         "concurrency": 4,
         "retry_initial": "30s",
         "retry_max": "1h",
+        "bounce_to": "sender",
+        "warn_after": "",
     }
     assert data["upstream"]["oauth"]["client_secret"] == "**********"
     assert data["upstream"]["oauth"]["client_secret_file"] == ""

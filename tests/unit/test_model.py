@@ -69,6 +69,7 @@ def test_json_form_is_exact() -> None:
                 "reply": "432 4.3.2 Concurrent connections limit exceeded.",
             }
         ],
+        "warned": False,
     }
     assert SCHEMA_VERSION == 1
 
