@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import formatdate
 from typing import Any
 
@@ -25,6 +26,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay import replies
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
+from relay.normalize import Normalized, normalize_message
 from relay.policy import Network, peer_allowed, recipient_limit_reached
 from relay.smtpdata import DataAborted, DataReader
 from relay.spool import Spool, new_queue_id
@@ -52,15 +54,10 @@ def peer_host(peer: Any) -> str:
     return ""
 
 
-def needs_smtputf8(envelope: Envelope, body: bytes) -> bool:
-    """A non-ASCII address, or raw UTF-8 in the header block, needs SMTPUTF8 upstream."""
-    if envelope.smtp_utf8:
-        return True
+def needs_smtputf8(envelope: Envelope) -> bool:
+    """The client asked for SMTPUTF8, or an envelope address is not ASCII."""
     addresses = [envelope.mail_from or "", *envelope.rcpt_tos]
-    if not all(address.isascii() for address in addresses):
-        return True
-    header_end = body.find(b"\r\n\r\n")
-    return not body[: header_end if header_end >= 0 else len(body)].isascii()
+    return envelope.smtp_utf8 or not all(address.isascii() for address in addresses)
 
 
 def received_header(
@@ -170,7 +167,14 @@ class RelayHandler:
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.MESSAGE_TOO_BIG)
         queue_id = new_queue_id(self._clock())
-        body = self._trace(server, session, envelope, queue_id) + body
+        try:
+            normalized = await asyncio.to_thread(self._normalize, envelope, body)
+        except Exception:  # never expected (the normaliser is total); keep the message as sent
+            log.exception("could not normalise; spooling as received", extra={"queue_id": queue_id})
+            normalized = Normalized(body, (), not body.isascii(), False)
+        for change in normalized.changes:
+            log.info("normalised: %s", change, extra={"queue_id": queue_id})
+        body = self._trace(server, session, envelope, queue_id) + normalized.data
         entry = QueueEntry(
             queue_id=queue_id,
             mail_from=envelope.mail_from or "",
@@ -179,8 +183,8 @@ class RelayHandler:
             size=len(body),
             client=peer_host(session.peer),
             helo=session.host_name or "",
-            smtputf8=needs_smtputf8(envelope, body),
-            eightbit=not body.isascii(),
+            smtputf8=needs_smtputf8(envelope) or normalized.needs_smtputf8,
+            eightbit=normalized.eightbit,
         )
         commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body))
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
@@ -195,6 +199,15 @@ class RelayHandler:
         if self.draining and server.transport is not None:
             asyncio.get_running_loop().call_soon(server.transport.close)
         return str(replies.queued(queue_id))
+
+    def _normalize(self, envelope: Envelope, body: bytes) -> Normalized:
+        return normalize_message(
+            body,
+            envelope_from=envelope.mail_from or "",
+            hostname=self._limits.hostname,
+            now=datetime.fromtimestamp(self._clock(), UTC),
+            smtputf8=envelope.smtp_utf8,
+        )
 
     def _trace(self, server: SMTP, session: Session, envelope: Envelope, queue_id: str) -> bytes:
         """The Received: line this relay adds on top (RFC 5321 4.4)."""

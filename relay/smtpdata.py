@@ -13,10 +13,13 @@ for the next pipelined command.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 END_LINE = b".\r\n"
+TAIL = 48
+_BARE_LF_END = re.compile(rb"(?<!\r)\n\.(?:\n[^\n]{0,16}){0,2}\n?\Z")
 PROGRESS_EVERY = 64 * 1024
 
 
@@ -47,8 +50,9 @@ class DataReader:
 
     @property
     def ended_with_bare_lf_dot(self) -> bool:
-        """The client meant to end the data but used `<LF>.<LF>` (a shell script's echo)."""
-        return self.tail.endswith((b"\n.\n", b"\n.")) and not self.tail.endswith(b"\r\n.\n")
+        """The client meant to end the data but used `<LF>.<LF>` (a shell script's echo), maybe
+        followed by a `quit` line that it took for a command."""
+        return bool(_BARE_LF_END.search(self.tail))
 
     async def read(self) -> DataResult:
         """The body, unstuffed. Raises DataAborted if the connection closes first."""
@@ -61,7 +65,7 @@ class DataReader:
             raw = await self._next_piece()
             if after_crlf and raw == END_LINE:
                 return DataResult(b"".join(parts) if size <= self._limit else None, size)
-            self.tail = (self.tail + raw)[-8:]
+            self.tail = (self.tail + raw)[-TAIL:]
             after_crlf = raw.endswith(b"\r\n") or (raw == b"\n" and last_byte == b"\r")
             piece = raw[1:] if last_byte == b"\n" and raw.startswith(b".") else raw
             last_byte = raw[-1:]
@@ -82,5 +86,5 @@ class DataReader:
         except asyncio.LimitOverrunError as overrun:
             return await self._reader.readexactly(overrun.consumed)
         except asyncio.IncompleteReadError as partial:
-            self.tail = (self.tail + partial.partial)[-8:]
+            self.tail = (self.tail + partial.partial)[-TAIL:]
             raise DataAborted from None

@@ -12,6 +12,8 @@ each bounded by a timeout; nothing sleeps.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import ipaddress
 import json
 import logging
@@ -22,6 +24,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +37,7 @@ from relay.errors import SpoolError
 from relay.ingress import Ingress, IngressLimits, RelayHandler
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
+from relay.normalize import normalize_message
 from relay.policy import Network
 from relay.spool import Spool, State, new_queue_id, valid_queue_id
 from tests.relayproc import strip_trace
@@ -47,7 +51,10 @@ IO_TIMEOUT = 10.0
 
 # CRLF line endings and lines that start with a dot: what the client hands over must come back
 # byte for byte after the client's dot-stuffing and the server's unstuffing.
-BODY = (
+WELL_FORMED = (  # what a well-behaved sender puts on top: the normaliser leaves such mail alone
+    b"Date: Sun, 29 Nov 2026 18:00:00 +0000\r\nMessage-ID: <ingress-test@example.com>\r\n"
+)
+BODY = WELL_FORMED + (
     b"From: scanner@example.com\r\n"
     b"To: alice@example.com\r\n"
     b"Subject: scan 0042\r\n"
@@ -573,7 +580,7 @@ async def test_body_over_limit_is_refused_with_552_and_not_spooled(
 
 def body_of_size(size: int, first_line: bytes) -> bytes:
     """`size` bytes in lines of at most 78 characters, the first body line being `first_line`."""
-    body = b"Subject: exact\r\n\r\n" + first_line + b"\r\n"
+    body = WELL_FORMED + b"From: a@example.com\r\nSubject: exact\r\n\r\n" + first_line + b"\r\n"
     while len(body) + 80 <= size:
         body += b"z" * 78 + b"\r\n"
     last = size - len(body) - 2
@@ -674,25 +681,19 @@ async def test_smtputf8_sender_is_accepted_and_flagged(start_relay: StartRelay) 
     assert "jürgen@example.com".encode() in raw_meta
 
 
+HEAD = WELL_FORMED + b"From: scanner@example.com\r\n"
+
+
 @pytest.mark.parametrize(
     ("body", "smtputf8", "eightbit"),
     [
         pytest.param(
-            "Subject: Grüße aus Köln\r\n\r\nplain body\r\n".encode(),
-            True,
-            True,
-            id="utf8-header-without-SMTPUTF8",
+            HEAD + "Subject: hello\r\n\r\nGrüße aus Köln\r\n".encode(), False, True, id="8bit-body"
         ),
         pytest.param(
-            "Subject: hello\r\n\r\nGrüße aus Köln\r\n".encode(),
-            False,
-            True,
-            id="8bit-body",
+            HEAD + b"Subject: latin-1 body\r\n\r\ncaf\xe9\r\n", False, True, id="non-utf8-8bit-body"
         ),
-        pytest.param(
-            b"Subject: latin-1 body\r\n\r\ncaf\xe9\r\n", False, True, id="non-utf8-8bit-body"
-        ),
-        pytest.param(b"Subject: hello\r\n\r\nascii\r\n", False, False, id="7bit"),
+        pytest.param(HEAD + b"Subject: hello\r\n\r\nascii\r\n", False, False, id="7bit"),
     ],
 )
 async def test_eightbit_and_smtputf8_flags_follow_the_content(
@@ -707,6 +708,24 @@ async def test_eightbit_and_smtputf8_flags_follow_the_content(
     assert reply == str(replies.queued(entry.queue_id))
     assert stored == body
     assert (entry.smtputf8, entry.eightbit) == (smtputf8, eightbit)
+
+
+async def test_raw_utf8_header_without_smtputf8_is_encoded_before_the_spool(
+    start_relay: StartRelay,
+) -> None:
+    """An old device writes UTF-8 raw into Subject without asking for SMTPUTF8: the header is
+    encoded per RFC 2047 (the text survives) and the message needs no SMTPUTF8 upstream."""
+    relay = await start_relay()
+    body = HEAD + "Subject: Grüße aus Köln\r\n\r\nplain body\r\n".encode()
+    async with client_for(relay) as client:
+        await client.mail("scanner@example.com")
+        await client.rcpt("alice@example.com")
+        await client.data(body)
+    entry, stored = relay.only_message()
+    assert stored.isascii()
+    parsed = email.message_from_bytes(stored, policy=email.policy.default)
+    assert parsed["Subject"] == "Grüße aus Köln"
+    assert (entry.smtputf8, entry.eightbit) == (False, False)
 
 
 async def test_non_utf8_address_is_refused_with_553(
@@ -770,9 +789,20 @@ async def test_only_crlf_dot_crlf_ends_the_data(start_relay: StartRelay, open_ra
     assert await off_loop(raw.rest) == b""  # no reply to a smuggled command
     entry, body = relay.only_message()
     assert queued == [str(replies.queued(entry.queue_id))]
-    assert body == stored
-    for marker in (b"\n.\n", b"\r\n.\n", b"\r.\r\n"):
-        assert marker in body, marker
+    # the DATA reader's exact bytes are tested in test_smtpdata; here they are also
+    # normalised (bare LF -> CRLF, Date and Message-ID added): what matters is that the
+    # smuggled commands stayed content of the one message
+    assert body.endswith(
+        normalize_message(
+            stored,
+            envelope_from="a@example.com",
+            hostname="relay.test",
+            now=datetime.now(UTC),
+            smtputf8=False,
+        ).data.split(b"\r\n\r\n", 1)[1]
+    )
+    for smuggled in (b"MAIL FROM:<evil@example.com>", b"RCPT TO:<victim@example.com>", b"DATA"):
+        assert smuggled in body
     assert entry.mail_from == "a@example.com"
     assert entry.recipients == (Recipient("b@example.com"),)
 

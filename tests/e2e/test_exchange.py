@@ -20,6 +20,7 @@ from tests.relayproc import (
 )
 
 MESSAGE = (
+    b"Date: Sun, 29 Nov 2026 18:00:00 +0000\r\n"
     b"From: Relay <relay@contoso.com>\r\n"
     b"To: Bob <bob@example.org>\r\n"
     b"Subject: quarterly report\r\n"
@@ -241,6 +242,7 @@ def test_non_ascii_address_and_headers_arrive_intact(
     exchange_relay: RelayProcess, exchange: FakeExchange
 ) -> None:
     data = (
+        "Date: Sun, 29 Nov 2026 18:00:00 +0000\r\nMessage-ID: <utf8@contoso.com>\r\n"
         "From: Jürgen Müller <jürgen@contoso.com>\r\nTo: <zoë@example.org>\r\n"
         "Subject: Grüße aus Köln\r\n\r\nSchöne Grüße\r\n"
     ).encode()

@@ -27,7 +27,10 @@ from tests.relayproc import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-MESSAGE = b"From: <relay@contoso.com>\r\nTo: <bob@example.org>\r\nSubject: t\r\n\r\nhello\r\n"
+MESSAGE = (
+    b"Date: Sun, 29 Nov 2026 18:00:00 +0000\r\nMessage-ID: <lifecycle@contoso.com>\r\n"
+    b"From: <relay@contoso.com>\r\nTo: <bob@example.org>\r\nSubject: t\r\n\r\nhello\r\n"
+)
 
 
 def test_sandbox_config_delivers_into_its_maildir(tmp_path: Path) -> None:
