@@ -28,7 +28,16 @@ from relay.logs import redact
 from relay.metrics import Metrics
 from relay.model import Attempt, QueueEntry, RcptState, Recipient
 from relay.pacing import Budget, Pacer
-from relay.policy import Decision, Verdict, classify_error, classify_reply, expired, next_attempt
+from relay.policy import (
+    RATE_PAUSE,
+    Action,
+    Decision,
+    Verdict,
+    classify_error,
+    classify_reply,
+    expired,
+    next_attempt,
+)
 from relay.policy import retry_delay as backoff
 from relay.replies import SmtpReply
 from relay.scheduler import Scheduler
@@ -196,13 +205,24 @@ class Delivery:
     def paused(self) -> bool:
         return self._clock() < self._paused_until
 
-    def _pause(self, seconds: float, reason: str) -> None:
+    def _pause(self, seconds: float, reason: str, kind: str, hint: str = "") -> None:
+        """Open the circuit: no new session to this upstream for `seconds`. Said loudly, every
+        time, with what to fix, until the upstream works again."""
         until = self._clock() + seconds
-        if until > self._paused_until:
-            self._paused_until = until
-            log.error(
-                "upstream %s: no new sessions for %.0fs: %s", self._upstream.name, seconds, reason
-            )
+        if until <= self._paused_until:
+            return
+        self._paused_until = until
+        name = self._upstream.name
+        self._metrics.upstream_paused.labels(upstream=name).set(1)
+        self._metrics.upstream_pauses.labels(upstream=name, reason=kind).inc()
+        fix = f"; fix: {hint}" if hint else ""
+        log.error("upstream %s paused for %.0fs (%s): %s%s", name, seconds, kind, reason, fix)
+
+    def _resume(self) -> None:
+        if self._session_failures:
+            log.info("upstream %s works again", self._upstream.name)
+        self._session_failures = 0
+        self._metrics.upstream_paused.labels(upstream=self._upstream.name).set(0)
 
     def _pause_left(self) -> float:
         return max(0.0, self._paused_until - self._clock())
@@ -304,7 +324,7 @@ class Delivery:
             except Exception as exc:
                 await self._session_failed(entry, exc)
                 return None
-            self._session_failures = 0
+            self._resume()
         await self._attempt(entry, session)
         return session
 
@@ -336,15 +356,23 @@ class Delivery:
         return None
 
     async def _session_failed(self, entry: QueueEntry, error: Exception) -> None:
+        """The circuit breaker: no session could be had, which is never the message's fault.
+        The upstream pauses with a growing delay; the message goes back to the queue without
+        spending an attempt (unless it is past max_age)."""
         decision = classify_error(error)
         self._session_failures += 1
         pause = backoff(
             self._session_failures, PAUSE_INITIAL, self._settings.retry_max, self._rand()
         )
-        self._pause(max(pause, decision.pause), f"{error}")
+        kind = "configuration" if decision.action is Action.PAUSE_UPSTREAM else "unreachable"
+        self._pause(max(pause, decision.pause), str(error), kind, decision.hint)
         if decision.refresh_token:
             await self._upstream.token_refused()
-        await self._record(entry, {r.address: decision for r in entry.pending})
+        if expired(entry.received_at, self._clock(), self._settings.max_age):
+            await self._record(entry, {r.address: decision for r in entry.pending})
+            return
+        if await self._spool_call(self._spool.move, entry.queue_id, State.ACTIVE, State.DEFERRED):
+            self.scheduler.add(entry.queue_id, self._paused_until, State.DEFERRED)
 
     async def _attempt(self, entry: QueueEntry, session: UpstreamSession) -> None:
         try:
@@ -379,7 +407,8 @@ class Delivery:
             if not decision.session_ok:
                 session.usable = False
             if decision.pause:
-                self._pause(decision.pause, str(decision.reply))
+                kind = "throttled" if decision.pause <= RATE_PAUSE else "configuration"
+                self._pause(decision.pause, str(decision.reply), kind, decision.hint)
         if any(d.refresh_token for d in decisions):
             await self._upstream.token_refused()
 

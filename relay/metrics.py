@@ -93,6 +93,18 @@ class Metrics:
         self.notices = Counter(
             "relay_notices_queued", "Failure and delay notices queued", ["kind"], registry=r
         )
+        self.upstream_paused = Gauge(
+            "relay_upstream_paused",
+            "1 while the upstream's circuit breaker holds new sessions back",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_pauses = Counter(
+            "relay_upstream_pauses",
+            "Times an upstream was paused, by reason (throttled, configuration, unreachable)",
+            ["upstream", "reason"],
+            registry=r,
+        )
         self.quarantined = Counter(
             "relay_spool_quarantined", "Spool entries moved to corrupt/", registry=r
         )

@@ -61,6 +61,17 @@ class Verdict(StrEnum):
     FAIL = "fail"
 
 
+class Action(StrEnum):
+    """What a reply means for the queue, as an operator reads it."""
+
+    DELIVER = "deliver"
+    RETRY_MESSAGE = "retry message"
+    RETRY_RECIPIENT = "retry recipient"
+    FAIL_RECIPIENT = "fail recipient"
+    FAIL_MESSAGE = "fail message"
+    PAUSE_UPSTREAM = "pause upstream"
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
     verdict: Verdict
@@ -69,6 +80,8 @@ class Decision:
     ambiguous: bool = False  # the upstream may have accepted the message (lost after the dot)
     session_ok: bool = True  # the SMTP session can carry the next message
     pause: float = 0.0  # seconds to open no new upstream session (throttling, tenant problems)
+    action: Action = Action.RETRY_MESSAGE
+    hint: str = ""  # what an admin should fix, when it is not the message's fault
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +98,16 @@ class Rule:
     session_ok: bool = True
     pause: float = 0.0
     note: str = ""
+    action: Action | None = None  # None: from the verdict and the stage
+    hint: str = ""
+
+    def action_at(self, stage: Stage) -> Action:
+        if self.action is not None:
+            return self.action
+        per_recipient = stage is Stage.RCPT
+        if self.verdict is Verdict.FAIL:
+            return Action.FAIL_RECIPIENT if per_recipient else Action.FAIL_MESSAGE
+        return Action.RETRY_RECIPIENT if per_recipient else Action.RETRY_MESSAGE
 
     def matches(self, stage: Stage, reply: SmtpReply) -> bool:
         return (
@@ -107,7 +130,7 @@ CONCURRENCY_PAUSE = 10.0
 TENANT_PAUSE = 300.0  # a problem only an admin can fix: retry rarely, keep everything queued
 
 
-def _tenant_problem(enhanced: str, note: str, text: str = "") -> Rule:
+def _tenant_problem(enhanced: str, note: str, hint: str, text: str = "") -> Rule:
     """A reply that no retry of this message can fix: keep the queue, pause, alert."""
     return Rule(
         Verdict.DEFER,
@@ -116,6 +139,8 @@ def _tenant_problem(enhanced: str, note: str, text: str = "") -> Rule:
         session_ok=False,
         pause=TENANT_PAUSE,
         note=note,
+        action=Action.PAUSE_UPSTREAM,
+        hint=hint,
     )
 
 
@@ -128,6 +153,8 @@ REPLY_RULES: tuple[Rule, ...] = (
         session_ok=False,
         pause=RATE_PAUSE,
         note="30 messages a minute per mailbox exceeded: slow down",
+        action=Action.PAUSE_UPSTREAM,
+        hint="Exchange throttled the mailbox; lower [upstream] messages_per_minute if it recurs",
     ),
     Rule(
         Verdict.DEFER,
@@ -136,20 +163,52 @@ REPLY_RULES: tuple[Rule, ...] = (
         session_ok=False,
         pause=CONCURRENCY_PAUSE,
         note="more than 3 concurrent connections for the mailbox",
+        action=Action.PAUSE_UPSTREAM,
+        hint="another client uses the same mailbox; lower [upstream] connections",
     ),
     Rule(Verdict.DEFER, code=421, session_ok=False, note="server closing the channel"),
     _tenant_problem(
-        "5.7.139", "SMTP AUTH disabled for the tenant or mailbox, or blocked by policy"
+        "5.7.139",
+        "SMTP AUTH disabled for the tenant or mailbox, or blocked by policy",
+        "Set-CASMailbox -Identity <mailbox> -SmtpClientAuthenticationDisabled $false; check "
+        "Security Defaults and Conditional Access",
     ),
-    _tenant_problem("5.7.57", "not authenticated: a relay or configuration bug"),
-    _tenant_problem("5.2.2", "the sending mailbox is full (Sent Items)"),
     _tenant_problem(
-        "5.2.0", "daily recipient quota of the mailbox reached", "SubmissionQuotaExceeded"
+        "5.7.57",
+        "not authenticated: a relay or configuration bug",
+        "the upstream saw no AUTH: check host and port (smtp.office365.com:587)",
     ),
-    _tenant_problem("5.1.90", "daily recipient limit of the mailbox reached"),
-    _tenant_problem("5.7.705", "tenant blocked for sending spam"),
-    _tenant_problem("5.7.708", "traffic from this IP not accepted"),
-    _tenant_problem("5.7.750", "sender domain not registered in the tenant"),
+    _tenant_problem(
+        "5.2.2",
+        "the sending mailbox is full (Sent Items)",
+        "empty Sent Items or add a retention policy for it (every message sent is kept there)",
+    ),
+    _tenant_problem(
+        "5.2.0",
+        "daily recipient quota of the mailbox reached",
+        "10,000 recipients a day per mailbox: wait, or spread the traffic over mailboxes",
+        "SubmissionQuotaExceeded",
+    ),
+    _tenant_problem(
+        "5.1.90",
+        "daily recipient limit of the mailbox reached",
+        "10,000 recipients a day per mailbox: wait, or spread the traffic over mailboxes",
+    ),
+    _tenant_problem(
+        "5.7.705",
+        "tenant blocked for sending spam",
+        "the tenant is blocked for spam: open a case with Microsoft support",
+    ),
+    _tenant_problem(
+        "5.7.708",
+        "traffic from this IP not accepted",
+        "Exchange refuses this IP (common on new or trial tenants): contact Microsoft support",
+    ),
+    _tenant_problem(
+        "5.7.750",
+        "sender domain not registered in the tenant",
+        "add the sender's domain as an accepted domain, or let the sender policy rewrite it",
+    ),
     Rule(
         Verdict.DEFER,
         stages=frozenset({Stage.AUTH}),
@@ -157,6 +216,9 @@ REPLY_RULES: tuple[Rule, ...] = (
         refresh_token=True,
         session_ok=False,
         note="token refused: refresh once, keep the message queued",
+        action=Action.PAUSE_UPSTREAM,
+        hint="check the SMTP.SendAsApp consent, New-ServicePrincipal, Add-MailboxPermission "
+        "FullAccess, and that [upstream] mailbox exists",
     ),
     Rule(
         Verdict.DEFER,
@@ -164,6 +226,8 @@ REPLY_RULES: tuple[Rule, ...] = (
         code_class=5,
         session_ok=False,
         note="session set-up refused: a configuration problem, not the message's fault",
+        action=Action.PAUSE_UPSTREAM,
+        hint="check [upstream] host, port and TLS settings",
     ),
     Rule(
         Verdict.DEFER,
@@ -179,7 +243,7 @@ REPLY_RULES: tuple[Rule, ...] = (
 def classify_reply(stage: Stage, reply: SmtpReply) -> Decision:
     """Turn one upstream reply into a decision. Positive replies are DELIVERED."""
     if reply.is_positive:
-        return Decision(Verdict.DELIVERED, reply)
+        return Decision(Verdict.DELIVERED, reply, action=Action.DELIVER)
     for rule in REPLY_RULES:
         if rule.matches(stage, reply):
             return Decision(
@@ -188,6 +252,8 @@ def classify_reply(stage: Stage, reply: SmtpReply) -> Decision:
                 refresh_token=rule.refresh_token,
                 session_ok=rule.session_ok,
                 pause=rule.pause,
+                action=rule.action_at(stage),
+                hint=rule.hint,
             )
     return Decision(Verdict.DEFER, reply, session_ok=False)
 
@@ -211,7 +277,13 @@ def classify_error(error: BaseException, *, after_data_sent: bool = False) -> De
             return Decision(Verdict.DEFER, error.reply, session_ok=False)
         return decision
     if isinstance(error, TokenError):
-        return Decision(Verdict.DEFER, LOCAL_TOKEN_FAILURE, session_ok=False)
+        return Decision(
+            Verdict.DEFER,
+            LOCAL_TOKEN_FAILURE,
+            session_ok=False,
+            action=Action.PAUSE_UPSTREAM,
+            hint=aadsts_hint(error.aadsts, error.error),
+        )
     reply = LOCAL_TIMEOUT if isinstance(error, UpstreamTimeout | TimeoutError) else None
     if reply is None:
         reply = (
@@ -221,6 +293,28 @@ def classify_error(error: BaseException, *, after_data_sent: bool = False) -> De
     return Decision(
         Verdict.DEFER, reply, ambiguous=after_data_sent or lost_in_data, session_ok=False
     )
+
+
+AADSTS_HINTS: dict[int, str] = {
+    7000215: "wrong client secret: use the secret's Value, not its Secret ID",
+    7000222: "the client secret expired: create a new one (Certificates & secrets)",
+    700016: "unknown application: check client_id and tenant_id",
+    90002: "tenant not found: check tenant_id and authority",
+    700027: "certificate not accepted: upload this certificate to the app registration",
+    700024: "client assertion outside its valid time: check the clock (NTP)",
+    7000218: "no credential sent: set client_secret, client_secret_file or certificate_file",
+    1002012: "invalid scope: use https://outlook.office365.com/.default",
+    500011: "Exchange Online not found in the tenant: check scope and tenant",
+}
+
+
+def aadsts_hint(code: int | None, error: str = "") -> str:
+    """What to fix for an Entra ID (AADSTS) error, in one line."""
+    if code is not None and code in AADSTS_HINTS:
+        return AADSTS_HINTS[code]
+    if error in ("authority_unreachable", "token_endpoint_unreachable", "token_timeout"):
+        return "the token endpoint cannot be reached: check DNS, proxy and firewall to Entra ID"
+    return "token request refused: check the app registration and its credential"
 
 
 def _stage(name: str) -> Stage:

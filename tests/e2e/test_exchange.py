@@ -76,27 +76,45 @@ def test_client_outside_allowlist_is_refused_and_nothing_spooled(
     )
 
 
-def test_wrong_secret_keeps_message_queued(
+def test_wrong_secret_pauses_the_upstream_and_fixing_it_resumes_delivery(
     tmp_path: Path,
     pki: TestPKI,
     entra: FakeEntra,
     exchange: FakeExchange,
     relay_factory: RelayFactory,
 ) -> None:
+    """The circuit breaker: a credential problem pauses the upstream instead of spending the
+    messages' retries; no message reaches failed/; once the admin fixes the secret (here: the
+    app registration gets the value the relay has), delivery resumes by itself."""
+    new_secret = "N3w-s3cret-Value~from-the-portal"
     sections = exchange_config(
-        tmp_path, pki, entra, exchange, **{"upstream.oauth.client_secret": "wrong"}
+        tmp_path, pki, entra, exchange, **{"upstream.oauth.client_secret": new_secret}
     )
     relay = relay_factory(sections)
-    code, reply = relay.submit(MAILBOX, ["bob@example.org"], MESSAGE)
-    assert code == 250
-    queue_id = queue_id_of(reply)
-    relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred")
-    meta = spool_meta(tmp_path / "spool", queue_id)
-    assert spool_state(tmp_path / "spool", queue_id) in ("deferred", "active", "incoming")
-    assert meta["recipients"][0]["state"] == "pending"
-    assert any(r.result == "AADSTS7000215" for r in entra.token_requests)
-    assert "wrong" not in relay.log_text()
+    queue_ids = [
+        queue_id_of(relay.submit(MAILBOX, ["bob@example.org"], MESSAGE)[1]) for _ in range(3)
+    ]
+    relay.wait_for_log(r"upstream exchange-online paused .*AADSTS7000215.*fix: wrong client secret")
+    relay.wait_for_log(r"upstream exchange-online paused .*AADSTS7000215", since=len(relay.lines))
+    spool = tmp_path / "spool"
+    for queue_id in queue_ids:
+        assert spool_state(spool, queue_id) in ("deferred", "incoming", "active")
+        assert spool_meta(spool, queue_id)["attempts"] == 0, "no retry spent on a config error"
+    metrics = relay.metrics()
+    assert metrics['relay_upstream_paused{upstream="exchange-online"}'] == 1
+    assert (
+        metrics['relay_upstream_pauses_total{reason="configuration",upstream="exchange-online"}']
+        >= 2
+    )
     assert exchange.messages == []
+    assert new_secret not in relay.log_text()
+
+    entra.register_app(CLIENT_ID, secret=new_secret)  # the admin fixes the secret
+    exchange.wait_for_messages(3, timeout=30)
+    wait_until(lambda: not any(spool_state(spool, q) for q in queue_ids), 10, "queue drained")
+    assert not list((spool / "failed").iterdir())
+    relay.wait_for_log("upstream exchange-online works again")
+    assert relay.metrics()['relay_upstream_paused{upstream="exchange-online"}'] == 0
 
 
 def _deliver_once(relay: RelayProcess, exchange: FakeExchange, data: bytes = MESSAGE) -> str:
@@ -125,7 +143,7 @@ def test_expired_token_is_refreshed_once_and_message_retried(
     exchange._validate_token = validate  # the fake takes its validator at construction
     relay = relay_factory(exchange_config(tmp_path, pki, entra, exchange))
     queue_id = _deliver_once(relay, exchange)
-    relay.wait_for_log(rf"\[{queue_id}\] to=<bob@example.org> deferred .*535 5\.7\.3")
+    relay.wait_for_log(r"upstream exchange-online paused .*535 5\.7\.3")
     [received] = exchange.wait_for_messages(1, timeout=20)
     assert received.rcpt_tos == ("bob@example.org",)
     ok_requests = [r for r in entra.token_requests if r.result == "ok"]

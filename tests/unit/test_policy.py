@@ -7,6 +7,7 @@ Reply texts are the ones Exchange Online really sends (docs/design exchange-onli
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -20,6 +21,7 @@ from relay.policy import (
     LOCAL_TOKEN_FAILURE,
     LOCAL_UNKNOWN,
     REPLY_RULES,
+    Action,
     Decision,
     Stage,
     Verdict,
@@ -181,6 +183,11 @@ def test_reply_rules_table_has_the_rows_these_tests_cover() -> None:
     ]
 
 
+def core(decision: Decision) -> Decision:
+    """A decision without its operator-facing action and hint (tested on their own below)."""
+    return replace(decision, action=Action.RETRY_MESSAGE, hint="")
+
+
 def first_rule(stage: Stage, smtp_reply: SmtpReply) -> str:
     return next(rule.note for rule in REPLY_RULES if rule.matches(stage, smtp_reply))
 
@@ -191,7 +198,9 @@ def test_row_submission_rate_pauses_a_minute(stage: Stage) -> None:
         421, "4.4.2 Message submission rate for this client has exceeded the configured limit"
     )
     assert first_rule(stage, r) == RATE
-    assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False, pause=60.0)
+    assert core(classify_reply(stage, r)) == Decision(
+        Verdict.DEFER, r, session_ok=False, pause=60.0
+    )
 
 
 @pytest.mark.parametrize(
@@ -205,7 +214,9 @@ def test_row_submission_rate_pauses_a_minute(stage: Stage) -> None:
 def test_row_432_concurrency_pauses_briefly(text: str) -> None:
     r = reply(432, text)
     assert first_rule(Stage.MAIL, r) == CONCURRENCY
-    assert classify_reply(Stage.MAIL, r) == Decision(Verdict.DEFER, r, session_ok=False, pause=10.0)
+    assert core(classify_reply(Stage.MAIL, r)) == Decision(
+        Verdict.DEFER, r, session_ok=False, pause=10.0
+    )
 
 
 @pytest.mark.parametrize("stage", list(Stage))
@@ -221,7 +232,7 @@ def test_row_432_concurrency_pauses_briefly(text: str) -> None:
 def test_row_421_anywhere_defers_and_drops_the_session(stage: Stage, text: str) -> None:
     r = reply(421, text)
     assert first_rule(stage, r) == CLOSING
-    assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False)
+    assert core(classify_reply(stage, r)) == Decision(Verdict.DEFER, r, session_ok=False)
 
 
 @pytest.mark.parametrize(
@@ -238,7 +249,7 @@ def test_row_421_anywhere_defers_and_drops_the_session(stage: Stage, text: str) 
 def test_row_smtp_auth_disabled_keeps_the_queue_and_pauses(text: str) -> None:
     r = reply(535, text)
     assert first_rule(Stage.AUTH, r) == AUTH_DISABLED
-    assert classify_reply(Stage.AUTH, r) == Decision(
+    assert core(classify_reply(Stage.AUTH, r)) == Decision(
         Verdict.DEFER, r, session_ok=False, pause=300.0
     )
 
@@ -250,7 +261,7 @@ def test_row_535_at_auth_defers_and_refreshes_the_token() -> None:
         "2025-11-29T18:00:00.000Z 08DE2F0C7A1B2C3D]",
     )
     assert first_rule(Stage.AUTH, r) == TOKEN
-    assert classify_reply(Stage.AUTH, r) == Decision(
+    assert core(classify_reply(Stage.AUTH, r)) == Decision(
         Verdict.DEFER, r, refresh_token=True, session_ok=False
     )
 
@@ -270,7 +281,7 @@ def test_row_5xx_during_session_setup_defers_and_drops_the_session(
 ) -> None:
     r = reply(code, text)
     assert first_rule(stage, r) == SETUP
-    assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False)
+    assert core(classify_reply(stage, r)) == Decision(Verdict.DEFER, r, session_ok=False)
 
 
 TENANT_ROWS = [
@@ -311,13 +322,15 @@ def test_rows_tenant_problems_keep_the_queue_and_pause(
 ) -> None:
     r = reply(code, text)
     assert first_rule(stage, r) == row
-    assert classify_reply(stage, r) == Decision(Verdict.DEFER, r, session_ok=False, pause=300.0)
+    assert core(classify_reply(stage, r)) == Decision(
+        Verdict.DEFER, r, session_ok=False, pause=300.0
+    )
 
 
 def test_row_552_at_rcpt_is_too_many_recipients_and_defers() -> None:
     r = reply(552, "5.5.3 Too many recipients")
     assert first_rule(Stage.RCPT, r) == RCPT_552
-    assert classify_reply(Stage.RCPT, r) == Decision(Verdict.DEFER, r)
+    assert core(classify_reply(Stage.RCPT, r)) == Decision(Verdict.DEFER, r)
 
 
 @pytest.mark.parametrize(
@@ -338,7 +351,7 @@ def test_row_552_at_rcpt_is_too_many_recipients_and_defers() -> None:
 def test_row_other_4xx_defers_and_keeps_the_session(stage: Stage, code: int, text: str) -> None:
     r = reply(code, text)
     assert first_rule(stage, r) == TEMPORARY
-    assert classify_reply(stage, r) == Decision(Verdict.DEFER, r)
+    assert core(classify_reply(stage, r)) == Decision(Verdict.DEFER, r)
 
 
 @pytest.mark.parametrize(
@@ -372,7 +385,7 @@ def test_row_other_4xx_defers_and_keeps_the_session(stage: Stage, code: int, tex
 def test_row_other_5xx_fails(stage: Stage, code: int, text: str) -> None:
     r = reply(code, text)
     assert first_rule(stage, r) == PERMANENT
-    assert classify_reply(stage, r) == Decision(Verdict.FAIL, r)
+    assert core(classify_reply(stage, r)) == Decision(Verdict.FAIL, r)
 
 
 @pytest.mark.parametrize("stage", list(Stage))
@@ -391,7 +404,7 @@ def test_row_other_5xx_fails(stage: Stage, code: int, text: str) -> None:
 )
 def test_positive_replies_are_delivered(stage: Stage, code: int, text: str) -> None:
     r = reply(code, text)
-    assert classify_reply(stage, r) == Decision(Verdict.DELIVERED, r)
+    assert core(classify_reply(stage, r)) == Decision(Verdict.DELIVERED, r)
 
 
 def test_the_exchange_samples_named_in_the_design() -> None:
@@ -428,29 +441,31 @@ def test_every_negative_reply_gets_a_verdict_and_only_5xx_fails(stage: Stage, co
 def test_upstream_error_with_reply_is_classified_by_the_table() -> None:
     refused = reply(535, "5.7.3 Authentication unsuccessful")
     error = UpstreamError("auth", "authentication refused", refused)
-    assert classify_error(error) == Decision(
+    assert core(classify_error(error)) == Decision(
         Verdict.DEFER, refused, refresh_token=True, session_ok=False
     )
-    assert classify_error(error, after_data_sent=True) == Decision(
+    assert core(classify_error(error, after_data_sent=True)) == Decision(
         Verdict.DEFER, refused, refresh_token=True, session_ok=False
     )
 
 
 def test_upstream_error_with_a_permanent_reply_after_the_data_fails() -> None:
     denied = reply(554, "5.2.252 SendAsDenied; a@x.example not allowed to send as b@x.example")
-    assert classify_error(UpstreamError("eod", "refused", denied)) == Decision(Verdict.FAIL, denied)
+    assert core(classify_error(UpstreamError("eod", "refused", denied))) == Decision(
+        Verdict.FAIL, denied
+    )
 
 
 def test_upstream_error_with_an_unknown_stage_counts_as_connect() -> None:
     refused = reply(554, "5.7.1 Access denied")
-    assert classify_error(UpstreamError("greeting", "refused", refused)) == Decision(
+    assert core(classify_error(UpstreamError("greeting", "refused", refused))) == Decision(
         Verdict.DEFER, refused, session_ok=False
     )
 
 
 def test_upstream_error_carrying_a_positive_reply_is_not_delivered() -> None:
     odd = reply(250, "2.0.0 OK")
-    assert classify_error(UpstreamError("connect", "odd", odd)) == Decision(
+    assert core(classify_error(UpstreamError("connect", "odd", odd))) == Decision(
         Verdict.DEFER, odd, session_ok=False
     )
 
@@ -473,7 +488,7 @@ def test_upstream_error_carrying_a_positive_reply_is_not_delivered() -> None:
 def test_errors_without_a_reply_defer_with_a_local_reply(
     error: BaseException, local_reply: SmtpReply, after_data_sent: bool
 ) -> None:
-    assert classify_error(error, after_data_sent=after_data_sent) == Decision(
+    assert core(classify_error(error, after_data_sent=after_data_sent)) == Decision(
         Verdict.DEFER, local_reply, ambiguous=after_data_sent, session_ok=False
     )
 
@@ -490,7 +505,7 @@ def test_connection_lost_at_end_of_data_is_ambiguous(
     error: BaseException, local_reply: SmtpReply, after_data_sent: bool
 ) -> None:
     # The dot may have reached Exchange: a resend may duplicate the message.
-    assert classify_error(error, after_data_sent=after_data_sent) == Decision(
+    assert core(classify_error(error, after_data_sent=after_data_sent)) == Decision(
         Verdict.DEFER, local_reply, ambiguous=True, session_ok=False
     )
 
@@ -498,7 +513,7 @@ def test_connection_lost_at_end_of_data_is_ambiguous(
 @pytest.mark.parametrize("after_data_sent", [False, True])
 def test_token_error_defers_and_is_never_ambiguous(after_data_sent: bool) -> None:
     error = TokenError("invalid_client", aadsts=7000215, http_status=401)
-    assert classify_error(error, after_data_sent=after_data_sent) == Decision(
+    assert core(classify_error(error, after_data_sent=after_data_sent)) == Decision(
         Verdict.DEFER, LOCAL_TOKEN_FAILURE, session_ok=False
     )
 
@@ -594,3 +609,72 @@ def test_retry_delay_stays_within_its_bounds(params, attempts: int) -> None:
 )
 def test_expired(received_at: float, now: float, max_age: float, expected: bool) -> None:
     assert expired(received_at, now, max_age) is expected
+
+
+ACTIONS = [
+    (
+        Stage.MAIL,
+        421,
+        "4.4.2 Message submission rate for this client has exceeded the configured limit",
+        Action.PAUSE_UPSTREAM,
+    ),
+    (Stage.MAIL, 432, "4.3.2 Concurrent connections limit exceeded.", Action.PAUSE_UPSTREAM),
+    (
+        Stage.EOD,
+        421,
+        "4.3.2 Service not available, closing transmission channel",
+        Action.RETRY_MESSAGE,
+    ),
+    (
+        Stage.AUTH,
+        535,
+        "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.",
+        Action.PAUSE_UPSTREAM,
+    ),
+    (Stage.AUTH, 535, "5.7.3 Authentication unsuccessful", Action.PAUSE_UPSTREAM),
+    (Stage.CONNECT, 554, "5.7.1 Access denied", Action.PAUSE_UPSTREAM),
+    (
+        Stage.EOD,
+        554,
+        "5.2.2 mailbox full; STOREDRV.Submission.Exception:QuotaExceededException",
+        Action.PAUSE_UPSTREAM,
+    ),
+    (Stage.RCPT, 552, "5.5.3 Too many recipients", Action.RETRY_RECIPIENT),
+    (Stage.RCPT, 452, "4.5.3 Too many recipients", Action.RETRY_RECIPIENT),
+    (Stage.EOD, 451, "4.7.500 Server busy. Please try again later", Action.RETRY_MESSAGE),
+    (Stage.RCPT, 550, "5.1.10 RESOLVER.ADR.RecipientNotFound", Action.FAIL_RECIPIENT),
+    (Stage.EOD, 554, "5.2.252 SendAsDenied; a not allowed to send as b", Action.FAIL_MESSAGE),
+    (Stage.EOD, 250, "2.0.0 OK <id> [Hostname=x]", Action.DELIVER),
+]
+
+
+@pytest.mark.parametrize(("stage", "code", "text", "action"), ACTIONS)
+def test_each_reply_maps_to_an_operator_action(
+    stage: Stage, code: int, text: str, action: Action
+) -> None:
+    assert classify_reply(stage, reply(code, text)).action is action
+
+
+def test_every_row_that_pauses_the_upstream_tells_the_admin_what_to_fix() -> None:
+    for rule in REPLY_RULES:
+        if rule.action is Action.PAUSE_UPSTREAM:
+            assert rule.hint, rule.note
+            assert rule.pause or rule.refresh_token or rule.stages, rule.note
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        (7000215, "Value, not its Secret ID"),
+        (7000222, "expired"),
+        (700016, "client_id"),
+        (90002, "tenant_id"),
+        (700027, "upload this certificate"),
+        (None, "app registration"),
+    ],
+)
+def test_token_errors_pause_the_upstream_with_the_aadsts_fix(code: int | None, fix: str) -> None:
+    decision = classify_error(TokenError("invalid_client", aadsts=code))
+    assert decision.action is Action.PAUSE_UPSTREAM
+    assert decision.verdict is Verdict.DEFER
+    assert fix in decision.hint
