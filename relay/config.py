@@ -209,6 +209,7 @@ class DeliverySettings(_Section):
     retry_initial: Duration = 60.0
     retry_max: Duration = 3600.0
     bounce_to: str = "sender"
+    on_ambiguous: Literal["resend", "hold"] = "resend"
     warn_after: Annotated[Duration | None, BeforeValidator(_blank_is_none)] = None
 
     @field_validator("bounce_to")

@@ -388,18 +388,38 @@ class Delivery:
         except Exception as exc:
             session.usable = False
             decision = classify_error(exc)
+            decisions = {r.address: decision for r in entry.pending}
             if decision.ambiguous:
                 self._metrics.ambiguous.inc()
+                if self._settings.on_ambiguous == "hold":
+                    await self._hold(entry, decision)
+                    return
                 log.warning(
                     "outcome unknown (connection lost after the data): will resend; "
                     "the upstream may deliver a duplicate",
                     extra={"queue_id": entry.queue_id},
                 )
-            decisions = {r.address: decision for r in entry.pending}
         else:
             decisions = {a: classify_reply(stage, reply) for a, (stage, reply) in outcomes.items()}
         await self._react(list(decisions.values()), session)
         await self._record(entry, decisions)
+
+    async def _hold(self, entry: QueueEntry, decision: Decision) -> None:
+        """on_ambiguous = "hold": the upstream may have the message; an admin decides."""
+        held = entry.after_attempt(
+            Attempt(self._clock(), "ambiguous", redact(str(decision.reply))), 0.0
+        )
+        try:
+            await self._spool_call(self._spool.save, held, State.ACTIVE, State.HOLD)
+        except (SpoolError, OSError):
+            log.exception("could not hold the message", extra={"queue_id": entry.queue_id})
+            return
+        self._metrics.held.inc()
+        log.warning(
+            "outcome unknown (connection lost after the data): held in hold/ for review "
+            "(on_ambiguous = hold); release it to resend or delete it",
+            extra={"queue_id": entry.queue_id},
+        )
 
     async def _react(self, decisions: list[Decision], session: UpstreamSession) -> None:
         """What an outcome means for the session and the upstream, beyond this message."""

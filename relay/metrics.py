@@ -82,6 +82,11 @@ class Metrics:
             "duplicate",
             registry=r,
         )
+        self.held = Counter(
+            "relay_messages_held",
+            "Messages put in hold/ after an ambiguous outcome (on_ambiguous = hold)",
+            registry=r,
+        )
         self.requeued_in_flight = Counter(
             "relay_recovered_in_flight",
             "Messages found in flight at start-up and queued again (possible duplicates)",

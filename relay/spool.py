@@ -46,6 +46,7 @@ class State(StrEnum):
     ACTIVE = "active"
     DEFERRED = "deferred"
     FAILED = "failed"
+    HOLD = "hold"  # kept for an admin to release or delete (ambiguous outcomes, by hand)
     CORRUPT = "corrupt"
 
 
@@ -262,7 +263,7 @@ class Spool:
                 report.requeued.append(queue_id)
         self._quarantine_strays(report)
         known: set[str] = set()
-        for state in (State.INCOMING, State.DEFERRED, State.FAILED):
+        for state in (State.INCOMING, State.DEFERRED, State.FAILED, State.HOLD):
             for queue_id in list(self.ids(state)):
                 if self._check_entry(state, queue_id, report):
                     known.add(queue_id)
@@ -280,7 +281,7 @@ class Spool:
 
     def _quarantine_strays(self, report: RecoveryReport) -> None:
         """Files in state directories that are not `<id>.json` are set aside, not deleted."""
-        for state in (State.INCOMING, State.ACTIVE, State.DEFERRED, State.FAILED):
+        for state in (State.INCOMING, State.ACTIVE, State.DEFERRED, State.FAILED, State.HOLD):
             for item in self.dir(state).iterdir():
                 name = item.name
                 if name.endswith(".json") and valid_queue_id(name[:-5]):

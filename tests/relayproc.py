@@ -221,7 +221,7 @@ def queue_id_of(reply: bytes) -> str:
 
 
 def spool_state(spool: Path, queue_id: str) -> str | None:
-    for state in ("incoming", "active", "deferred", "failed", "corrupt"):
+    for state in ("incoming", "active", "deferred", "failed", "hold", "corrupt"):
         if (spool / state / f"{queue_id}.json").exists():
             return state
     return None

@@ -23,7 +23,7 @@ from relay.model import Attempt, QueueEntry, RcptState, Recipient
 from relay.spool import RecoveryReport, Spool, State, new_queue_id, valid_queue_id
 
 BODY = b"From: scanner@contoso.example\r\nSubject: scan\r\n\r\nhello\r\n"
-ALL_DIRS = ("tmp", "data", "incoming", "active", "deferred", "failed", "corrupt")
+ALL_DIRS = ("tmp", "data", "incoming", "active", "deferred", "failed", "hold", "corrupt")
 
 
 @pytest.fixture
@@ -622,3 +622,15 @@ def test_quarantine_never_overwrites_an_earlier_quarantine(spool: Spool) -> None
     assert (corrupt / f"{entry.queue_id}.eml").read_bytes() == b"kept body"
     assert (corrupt / f"{entry.queue_id}.eml.1").read_bytes() == BODY
     assert (corrupt / f"{entry.queue_id}.json.1").exists()
+
+
+def test_recover_keeps_held_messages_and_their_bodies(spool: Spool) -> None:
+    entry = make_entry()
+    spool.commit(entry, BODY)
+    assert spool.claim(entry.queue_id, State.INCOMING)
+    spool.save(entry, State.ACTIVE, State.HOLD)
+    report = spool.recover()
+    assert spool.find(entry.queue_id) is State.HOLD
+    assert spool.read_body(entry.queue_id) == BODY
+    assert report.quarantined == []
+    assert report.queued == 0

@@ -322,3 +322,31 @@ def test_many_messages_share_one_authenticated_session(
     exchange.wait_for_messages(6, timeout=20)
     assert exchange.auth_ok <= 3, "no more sessions than delivery.concurrency"
     assert len([r for r in exchange_relay.metrics() if r.startswith("relay_token")]) >= 1
+
+
+def test_on_ambiguous_hold_keeps_the_message_for_review_instead_of_resending(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    relay_factory: RelayFactory,
+) -> None:
+    relay = relay_factory(
+        exchange_config(tmp_path, pki, entra, exchange, **{"delivery.on_ambiguous": "hold"})
+    )
+    exchange.drop_after_eod(delivered=True)
+    queue_id = _deliver_once(relay, exchange)
+    spool = tmp_path / "spool"
+    wait_until(lambda: spool_state(spool, queue_id) == "hold", 20, "message in hold/")
+    meta = spool_meta(spool, queue_id)
+    assert meta["history"][-1]["outcome"] == "ambiguous"
+    assert meta["recipients"][0]["state"] == "pending"
+    relay.wait_for_log(rf"\[{queue_id}\] outcome unknown .* held in hold/")
+    metrics = relay.metrics()
+    assert metrics["relay_delivery_ambiguous_total"] == 1
+    assert metrics["relay_messages_held_total"] == 1
+    assert len(exchange.messages) == 1  # the copy the upstream kept; no resend
+    relay.stop()
+    relay.start()  # a held message survives a restart untouched
+    assert spool_state(spool, queue_id) == "hold"
+    assert (spool / "data" / f"{queue_id}.eml").exists()
