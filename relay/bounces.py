@@ -74,7 +74,7 @@ class Bouncer:
             return
         try:
             notice = await asyncio.to_thread(self._build, entry, recipient, kind)
-            queued = self._as_entry(notice)
+            queued = self._as_entry(notice, entry.upstream)  # the same mailbox sends it
             await asyncio.to_thread(self._spool.commit, queued, notice.data)
         except Exception:
             log.exception("could not queue a %s notice", kind, extra={"queue_id": entry.queue_id})
@@ -115,7 +115,7 @@ class Bouncer:
             will_retry_until=datetime.fromtimestamp(entry.received_at + self._max_age, UTC),
         )
 
-    def _as_entry(self, notice: dsn.Notice) -> QueueEntry:
+    def _as_entry(self, notice: dsn.Notice, upstream: str) -> QueueEntry:
         now = self._clock()
         return QueueEntry(
             queue_id=new_queue_id(now),
@@ -127,4 +127,5 @@ class Bouncer:
             helo=self._mta,
             smtputf8=notice.smtputf8,
             eightbit=not notice.data.isascii(),
+            upstream=upstream,
         )

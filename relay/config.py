@@ -403,6 +403,31 @@ class LogSettings(_Section):
     format: Literal["text", "json"] = "text"
 
 
+DEFAULT_UPSTREAM = "default"
+
+
+class RouteSettings(_Section):
+    """One [[route]] rule: every criterion given must match; a list matches if any entry does."""
+
+    sender: list[str] = Field(default_factory=list)  # addresses or @domains
+    client: list[str] = Field(default_factory=list)  # client networks
+    listener: list[HostPort] = Field(default_factory=list)  # as written in [smtp] listen
+    upstream: str = Field(min_length=1)
+
+    @field_validator("sender")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(r"([^@\s<>]+@|@)[^@\s<>]+\.[^@\s<>]+", item.strip()):
+                raise ValueError(f"{item!r} is neither an address nor an @domain")
+        return [item.strip().lower() for item in value]
+
+    @field_validator("client")
+    @classmethod
+    def _clients(cls, value: list[str]) -> list[str]:
+        return [str(parse_network(item)) for item in value]
+
+
 class Settings(BaseSettings):
     """The whole configuration. Built once, in cli.py, and handed out by section."""
 
@@ -418,9 +443,50 @@ class Settings(BaseSettings):
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
+    route: list[RouteSettings] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstream_names(cls, value: dict[str, UpstreamSettings]) -> dict[str, UpstreamSettings]:
+        for name in value:
+            if name == DEFAULT_UPSTREAM or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+                raise ValueError(
+                    f"{name!r}: upstream names are lower-case letters, digits, - and _ "
+                    f"(and not {DEFAULT_UPSTREAM!r}, the name of [upstream])"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _routes_point_somewhere(self) -> Settings:
+        known = {DEFAULT_UPSTREAM, *self.upstreams}
+        listeners = set(self.smtp.listen)
+        problems = []
+        for number, rule in enumerate(self.route):
+            if rule.upstream not in known:
+                problems.append(
+                    (
+                        f"route.{number}.upstream",
+                        f"no upstream named {rule.upstream!r}: {sorted(known)}",
+                    )
+                )
+            problems.extend(
+                (f"route.{number}.listener", f"{listener!r} is not in [smtp] listen")
+                for listener in rule.listener
+                if listener not in listeners
+            )
+        if problems:
+            raise PydanticCustomError(
+                "field_problems", "routes are invalid", {"problems": problems}
+            )
+        return self
+
+    def all_upstreams(self) -> dict[str, UpstreamSettings]:
+        """[upstream] as "default", then the named [upstreams.*]."""
+        return {DEFAULT_UPSTREAM: self.upstream, **self.upstreams}
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -503,14 +569,23 @@ def render(settings: Settings) -> str:
 
 
 def _render_table(lines: list[str], prefix: list[str], table: dict[str, Any]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and not _is_tables(v)}
     tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    arrays = {k: v for k, v in table.items() if _is_tables(v)}
     if prefix and scalars:
         lines.append(f"\n[{'.'.join(prefix)}]")
     for key, value in scalars.items():
         lines.append(f"{key} = {_toml_value(value)}")
     for key, value in tables.items():
         _render_table(lines, [*prefix, key], value)
+    for key, items in arrays.items():
+        for item in items:
+            lines.append(f"\n[[{'.'.join([*prefix, key])}]]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+
+
+def _is_tables(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _toml_value(value: object) -> str:

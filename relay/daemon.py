@@ -13,15 +13,24 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relay.bounces import Bouncer
-from relay.config import Settings, parse_host_port
+from relay.config import (
+    DEFAULT_UPSTREAM,
+    Settings,
+    UpstreamSettings,
+    parse_host_port,
+    parse_network,
+)
 from relay.delivery import Delivery
 from relay.ingress import Ingress, IngressLimits, RelayHandler
 from relay.metrics import Metrics, MetricsServer
+from relay.model import QueueEntry
 from relay.osutil import install_stop_handlers, remove_stop_handlers
 from relay.pacing import Budget, Pacer
+from relay.policy import RouteRule, choose_upstream
 from relay.sender import SenderPolicy
 from relay.spool import Spool
 from relay.tokens import MsalTokenProvider
@@ -46,11 +55,12 @@ class Running:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def build_upstream(settings: Settings, metrics: Metrics) -> Upstream:
-    upstream = settings.upstream
+def build_upstream(
+    name: str, upstream: UpstreamSettings, settings: Settings, metrics: Metrics
+) -> Upstream:
     if upstream.kind == "maildir":
         assert upstream.path is not None
-        return MaildirUpstream(upstream.path)
+        return MaildirUpstream(upstream.path, name=name)
     provider = MsalTokenProvider(upstream.oauth)
 
     async def counted_token() -> str:
@@ -74,7 +84,80 @@ def build_upstream(settings: Settings, metrics: Metrics) -> Upstream:
         policy=SenderPolicy(
             upstream.mailbox, tuple(upstream.send_as), from_header=upstream.from_header
         ),
+        name=name,
     )
+
+
+class Deliveries:
+    """One Delivery per upstream, each with its own mailbox, credentials, pacing and circuit
+    breaker, so a throttled or broken mailbox never holds up the others."""
+
+    def __init__(self, settings: Settings, spool: Spool, metrics: Metrics) -> None:
+        self.by_name: dict[str, Delivery] = {}
+        names = set(settings.all_upstreams())
+        for name, upstream in settings.all_upstreams().items():
+            self.by_name[name] = Delivery(
+                spool,
+                build_upstream(name, upstream, settings, metrics),
+                settings.delivery,
+                metrics,
+                pacer=Pacer(Budget(*upstream.budget())),
+                notices=Bouncer(
+                    spool,
+                    bounce_to=settings.delivery.bounce_to,
+                    warn_after=settings.delivery.warn_after,
+                    max_age=settings.delivery.max_age,
+                    reporting_mta=settings.smtp.hostname,
+                    from_address=notice_sender(upstream, settings.smtp.hostname),
+                    enqueue=self.enqueue,
+                    metrics=metrics,
+                ),
+                connections=upstream.max_connections(),
+                accepts=_accepts(name, names),
+            )
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        name = entry.upstream or DEFAULT_UPSTREAM
+        self.by_name.get(name, self.by_name[DEFAULT_UPSTREAM]).enqueue(entry)
+
+    async def load_queue(self) -> int:
+        counts = await asyncio.gather(*(d.load_queue() for d in self.by_name.values()))
+        return sum(counts)
+
+    def start(self) -> None:
+        for delivery in self.by_name.values():
+            delivery.start()
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.gather(*(d.stop(grace) for d in self.by_name.values()))
+
+
+def _accepts(name: str, names: set[str]) -> Callable[[str], bool]:
+    """Which stored messages a delivery takes: its own; the default one also takes messages
+    whose upstream no longer exists in the config (they are never stranded)."""
+
+    def accepts(upstream: str) -> bool:
+        wanted = upstream or DEFAULT_UPSTREAM
+        return wanted == name or (name == DEFAULT_UPSTREAM and wanted not in names)
+
+    return accepts
+
+
+def router(settings: Settings) -> Callable[[str, str, str], str]:
+    rules = tuple(
+        RouteRule(
+            upstream=rule.upstream,
+            senders=tuple(rule.sender),
+            networks=tuple(parse_network(n) for n in rule.client),
+            listeners=tuple(rule.listener),
+        )
+        for rule in settings.route
+    )
+
+    def route(sender: str, client: str, listener: str) -> str:
+        return choose_upstream(rules, sender, client, listener)
+
+    return route
 
 
 async def run(
@@ -128,32 +211,14 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
             report.removed_partial,
         )
     metrics.watch_queue(lambda: {state.value: n for state, n in spool.depth().items()})
-    per_minute, per_day = settings.upstream.budget()
-    bouncer = Bouncer(
-        spool,
-        bounce_to=settings.delivery.bounce_to,
-        warn_after=settings.delivery.warn_after,
-        max_age=settings.delivery.max_age,
-        reporting_mta=settings.smtp.hostname,
-        from_address=notice_sender(settings),
-        enqueue=lambda entry: delivery.enqueue(entry),  # noqa: PLW0108 - bound below
-        metrics=metrics,
-    )
-    delivery = Delivery(
-        spool,
-        build_upstream(settings, metrics),
-        settings.delivery,
-        metrics,
-        pacer=Pacer(Budget(per_minute, per_day)),
-        notices=bouncer,
-        connections=settings.upstream.max_connections(),
-    )
+    delivery = Deliveries(settings, spool, metrics)
     queued = await delivery.load_queue()
     smtp = settings.smtp
     limits = IngressLimits(
         smtp.hostname, smtp.networks(), smtp.max_message_size, smtp.max_recipients
     )
-    ingress = Ingress(RelayHandler(spool, limits, metrics, delivery.enqueue), limits)
+    handler = RelayHandler(spool, limits, metrics, delivery.enqueue, route=router(settings))
+    ingress = Ingress(handler, limits)
 
     def readiness() -> tuple[bool, str]:
         if not ingress.listening:
@@ -168,14 +233,14 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         host, port = parse_host_port(settings.metrics.listen)
         running.metrics_port = await metrics_server.start(host, port)
     try:
-        await ingress.start(smtp.listen_addresses())
+        await ingress.start(smtp.listen_addresses(), smtp.listen)
         delivery.start()
         running.smtp = list(ingress.bound)
         log.info(
-            "ready: smtp=%s metrics=%s upstream=%s queued=%d startup=%.2fs",
+            "ready: smtp=%s metrics=%s upstreams=%s queued=%d startup=%.2fs",
             ",".join(_join_host_port(h, p) for h, p in ingress.bound),
             _join_host_port(host, running.metrics_port) if running.metrics_port else "off",
-            settings.upstream.kind,
+            ",".join(f"{n}:{u.kind}" for n, u in settings.all_upstreams().items()),
             queued,
             time.monotonic() - started,
         )
@@ -191,11 +256,11 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
     log.info("stopped")
 
 
-def notice_sender(settings: Settings) -> str:
+def notice_sender(upstream: UpstreamSettings, hostname: str) -> str:
     """The From: of failure notices: the mailbox, which may always send as itself."""
-    if settings.upstream.kind == "exchange-online":
-        return settings.upstream.mailbox
-    return f"MAILER-DAEMON@{settings.smtp.hostname}"
+    if upstream.kind == "exchange-online":
+        return upstream.mailbox
+    return f"MAILER-DAEMON@{hostname}"
 
 
 def _join_host_port(host: str, port: int) -> str:

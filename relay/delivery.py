@@ -88,12 +88,14 @@ class Delivery:
         *,
         pacer: Pacer | None = None,
         notices: Notices | None = None,
+        accepts: Callable[[str], bool] = lambda _upstream: True,
         connections: int = 64,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._pacer = pacer or Pacer(Budget())
         self._notices = notices
+        self._accepts = accepts
         self._workers = max(1, min(settings.concurrency, connections))
         self._spool = spool
         self._upstream = upstream
@@ -143,6 +145,8 @@ class Delivery:
                     self._spool.quarantine(queue_id, state, exc.reason)
                     self._metrics.quarantined.inc()
                     continue
+                if not self._accepts(entry.upstream):
+                    continue  # another upstream's message
                 due = entry.next_attempt_at if state is State.DEFERRED else 0.0
                 found.append((queue_id, due, state))
         return found

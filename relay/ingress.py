@@ -113,8 +113,11 @@ class RelayHandler:
         limits: IngressLimits,
         metrics: Metrics,
         on_commit: Callable[[QueueEntry], None],
+        *,
         clock: Callable[[], float] = time.time,
+        route: Callable[[str, str, str], str] | None = None,
     ) -> None:
+        self._route = route
         self._spool = spool
         self._limits = limits
         self._metrics = metrics
@@ -185,6 +188,7 @@ class RelayHandler:
             helo=session.host_name or "",
             smtputf8=needs_smtputf8(envelope) or normalized.needs_smtputf8,
             eightbit=normalized.eightbit,
+            upstream=self._upstream_for(server, session, envelope),
         )
         commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body))
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
@@ -199,6 +203,13 @@ class RelayHandler:
         if self.draining and server.transport is not None:
             asyncio.get_running_loop().call_soon(server.transport.close)
         return str(replies.queued(queue_id))
+
+    def _upstream_for(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self._route is None:
+            return ""
+        listener = getattr(server, "listener", "")
+        name = self._route(envelope.mail_from or "", peer_host(session.peer), listener)
+        return "" if name == "default" else name
 
     def _normalize(self, envelope: Envelope, body: bytes) -> Normalized:
         return normalize_message(
@@ -271,7 +282,14 @@ class RelaySMTP(SMTP):
 
     line_length_limit = 64 * 1024  # the stream buffer; command lines stay at 512 (aiosmtpd)
 
-    def __init__(self, handler: RelayHandler, limits: IngressLimits, sessions: SessionRegistry):
+    def __init__(
+        self,
+        handler: RelayHandler,
+        limits: IngressLimits,
+        sessions: SessionRegistry,
+        listener: str = "",
+    ):
+        self.listener = listener  # the [smtp] listen entry this session came in on
         super().__init__(
             handler,
             data_size_limit=receive_cap(limits.max_message_size),
@@ -424,16 +442,21 @@ class Ingress:
         self._servers: list[asyncio.Server] = []
         self.bound: list[tuple[str, int]] = []
 
-    async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
+    async def start(self, addresses: Sequence[tuple[str, int]], names: Sequence[str] = ()) -> None:
         loop = asyncio.get_running_loop()
-        for host, port in addresses:
-            server = await loop.create_server(
-                lambda: RelaySMTP(self.handler, self.limits, self.sessions), host, port
-            )
+        for index, (host, port) in enumerate(addresses):
+            name = names[index] if index < len(names) else f"{host}:{port}"
+            server = await loop.create_server(self._protocol_factory(name), host, port)
             self._servers.append(server)
             for sock in server.sockets:
                 name = sock.getsockname()
                 self.bound.append((str(name[0]), int(name[1])))
+
+    def _protocol_factory(self, listener: str) -> Callable[[], RelaySMTP]:
+        def factory() -> RelaySMTP:
+            return RelaySMTP(self.handler, self.limits, self.sessions, listener)
+
+        return factory
 
     @property
     def listening(self) -> bool:

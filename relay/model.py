@@ -68,6 +68,7 @@ class QueueEntry:
     next_attempt_at: float = 0.0
     history: tuple[Attempt, ...] = field(default_factory=tuple)
     warned: bool = False  # a delay notice was sent
+    upstream: str = ""  # the route chosen at acceptance; "" = the default upstream
 
     @property
     def pending(self) -> tuple[Recipient, ...]:
@@ -106,6 +107,7 @@ class QueueEntry:
             "next_attempt_at": self.next_attempt_at,
             "history": [a.to_json() for a in self.history],
             "warned": self.warned,
+            "upstream": self.upstream,
         }
 
     def dumps(self) -> bytes:
@@ -133,6 +135,7 @@ class QueueEntry:
             next_attempt_at=float(data.get("next_attempt_at", 0.0)),
             history=tuple(Attempt.from_json(a) for a in data.get("history", [])),
             warned=bool(data.get("warned", False)),
+            upstream=str(data.get("upstream", "")),
         )
 
     @classmethod

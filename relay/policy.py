@@ -345,3 +345,37 @@ def next_attempt(attempts: int, now: float, initial: float, maximum: float, rand
 def expired(received_at: float, now: float, max_age: float) -> bool:
     """True when a message has been queued longer than `max_age` seconds."""
     return now - received_at >= max_age
+
+
+# --- where a message goes ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """Every criterion given must match; each one matches if any of its entries does."""
+
+    upstream: str
+    senders: tuple[str, ...] = ()  # lower-case addresses and "@domain"s
+    networks: tuple[Network, ...] = ()
+    listeners: tuple[str, ...] = ()
+
+    def matches(self, sender: str, client: str, listener: str) -> bool:
+        return (
+            (not self.senders or _sender_matches(sender.lower(), self.senders))
+            and (not self.networks or peer_allowed(client, self.networks))
+            and (not self.listeners or listener in self.listeners)
+        )
+
+
+def _sender_matches(sender: str, patterns: Sequence[str]) -> bool:
+    domain = "@" + sender.rpartition("@")[2] if "@" in sender else None
+    return any(pattern in (sender, domain) for pattern in patterns)
+
+
+def choose_upstream(rules: Sequence[RouteRule], sender: str, client: str, listener: str) -> str:
+    """The upstream of the first rule that matches the envelope sender, the client address and
+    the listener the message came in on; `default` when none does."""
+    for rule in rules:
+        if rule.matches(sender, client, listener):
+            return rule.upstream
+    return "default"

@@ -94,16 +94,16 @@ def test_wrong_secret_pauses_the_upstream_and_fixing_it_resumes_delivery(
     queue_ids = [
         queue_id_of(relay.submit(MAILBOX, ["bob@example.org"], MESSAGE)[1]) for _ in range(3)
     ]
-    relay.wait_for_log(r"upstream exchange-online paused .*AADSTS7000215.*fix: wrong client secret")
-    relay.wait_for_log(r"upstream exchange-online paused .*AADSTS7000215", since=len(relay.lines))
+    relay.wait_for_log(r"upstream default paused .*AADSTS7000215.*fix: wrong client secret")
+    relay.wait_for_log(r"upstream default paused .*AADSTS7000215", since=len(relay.lines))
     spool = tmp_path / "spool"
     for queue_id in queue_ids:
         assert spool_state(spool, queue_id) in ("deferred", "incoming", "active")
         assert spool_meta(spool, queue_id)["attempts"] == 0, "no retry spent on a config error"
     metrics = relay.metrics()
-    assert metrics['relay_upstream_paused{upstream="exchange-online"}'] == 1
+    assert metrics['relay_upstream_paused{upstream="default"}'] == 1
     assert (
-        metrics['relay_upstream_pauses_total{reason="configuration",upstream="exchange-online"}']
+        metrics['relay_upstream_pauses_total{reason="configuration",upstream="default"}']
         >= 2
     )
     assert exchange.messages == []
@@ -113,8 +113,8 @@ def test_wrong_secret_pauses_the_upstream_and_fixing_it_resumes_delivery(
     exchange.wait_for_messages(3, timeout=30)
     wait_until(lambda: not any(spool_state(spool, q) for q in queue_ids), 10, "queue drained")
     assert not list((spool / "failed").iterdir())
-    relay.wait_for_log("upstream exchange-online works again")
-    assert relay.metrics()['relay_upstream_paused{upstream="exchange-online"}'] == 0
+    relay.wait_for_log("upstream default works again")
+    assert relay.metrics()['relay_upstream_paused{upstream="default"}'] == 0
 
 
 def _deliver_once(relay: RelayProcess, exchange: FakeExchange, data: bytes = MESSAGE) -> str:
@@ -143,7 +143,7 @@ def test_expired_token_is_refreshed_once_and_message_retried(
     exchange._validate_token = validate  # the fake takes its validator at construction
     relay = relay_factory(exchange_config(tmp_path, pki, entra, exchange))
     queue_id = _deliver_once(relay, exchange)
-    relay.wait_for_log(r"upstream exchange-online paused .*535 5\.7\.3")
+    relay.wait_for_log(r"upstream default paused .*535 5\.7\.3")
     [received] = exchange.wait_for_messages(1, timeout=20)
     assert received.rcpt_tos == ("bob@example.org",)
     ok_requests = [r for r in entra.token_requests if r.result == "ok"]

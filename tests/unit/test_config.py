@@ -592,12 +592,23 @@ def test_render_round_trips_through_tomllib(tmp_path: Path) -> None:
         "retry_initial": "30s",
         "retry_max": "1h",
         "bounce_to": "sender",
+        "on_ambiguous": "resend",
         "warn_after": "",
     }
     assert data["upstream"]["oauth"]["client_secret"] == "**********"
     assert data["upstream"]["oauth"]["client_secret_file"] == ""
     assert data["log"] == {"level": "debug", "format": "json"}
-    assert set(data) == {"smtp", "spool", "delivery", "upstream", "metrics", "server", "log"}
+    assert set(data) == {
+        "smtp",
+        "spool",
+        "delivery",
+        "upstream",
+        "metrics",
+        "server",
+        "log",
+        "route",
+    }
+    assert data["route"] == []  # no [[route]] in that file; no [upstreams.*] either
 
 
 def test_render_output_loads_back_to_the_same_settings(tmp_path: Path) -> None:

@@ -70,6 +70,7 @@ def test_json_form_is_exact() -> None:
             }
         ],
         "warned": False,
+        "upstream": "",
     }
     assert SCHEMA_VERSION == 1
 

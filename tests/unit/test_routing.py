@@ -1,0 +1,94 @@
+"""Routing rules, pure: first match wins, every criterion of a rule must match, any entry of
+a criterion may."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from relay.config import load_settings
+from relay.errors import ConfigError
+from relay.policy import RouteRule, choose_upstream
+
+LAN = ipaddress.ip_network("192.168.10.0/24")
+RULES = (
+    RouteRule("invoices", senders=("invoices@contoso.com", "@erp.contoso.com")),
+    RouteRule("copiers", networks=(LAN,), listeners=("0.0.0.0:25",)),
+    RouteRule("fabrikam", senders=("@fabrikam.com",)),
+)
+
+
+@pytest.mark.parametrize(
+    ("sender", "client", "listener", "upstream"),
+    [
+        ("invoices@contoso.com", "10.0.0.5", "0.0.0.0:2525", "invoices"),
+        ("INVOICES@Contoso.com", "10.0.0.5", "0.0.0.0:2525", "invoices"),
+        ("billing@erp.contoso.com", "192.168.10.7", "0.0.0.0:25", "invoices"),  # first match
+        ("billing@sub.erp.contoso.com", "10.0.0.5", "0.0.0.0:25", "default"),  # exact domain
+        ("scanner@printer.local", "192.168.10.7", "0.0.0.0:25", "copiers"),
+        ("scanner@printer.local", "192.168.10.7", "0.0.0.0:2525", "default"),  # AND
+        ("scanner@printer.local", "192.168.11.7", "0.0.0.0:25", "default"),
+        ("it@fabrikam.com", "10.0.0.5", "[::1]:25", "fabrikam"),
+        ("", "192.168.10.7", "0.0.0.0:25", "copiers"),  # null sender: by the other criteria
+        ("", "10.0.0.5", "0.0.0.0:25", "default"),
+    ],
+)
+def test_choose_upstream(sender: str, client: str, listener: str, upstream: str) -> None:
+    assert choose_upstream(RULES, sender, client, listener) == upstream
+
+
+def test_a_rule_without_criteria_matches_everything() -> None:
+    assert choose_upstream((RouteRule("all"),), "x@y.z", "1.2.3.4", "") == "all"
+    assert choose_upstream((), "x@y.z", "1.2.3.4", "") == "default"
+
+
+BASE = """
+[smtp]
+listen = ["127.0.0.1:2525"]
+allow = ["127.0.0.0/8"]
+[upstream]
+kind = "maildir"
+path = "/tmp/m"
+[upstreams.invoices]
+kind = "maildir"
+path = "/tmp/i"
+"""
+
+
+def problems(tmp_path: Path, text: str) -> list[tuple[str, str]]:
+    path = tmp_path / "c.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+    return error.value.problems
+
+
+def test_routes_load(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        BASE + '[[route]]\nsender = ["@ERP.contoso.com"]\nclient = ["192.168.10.0/24"]\n'
+        'listener = ["127.0.0.1:2525"]\nupstream = "invoices"\n',
+        encoding="utf-8",
+    )
+    settings = load_settings(path)
+    assert list(settings.all_upstreams()) == ["default", "invoices"]
+    [rule] = settings.route
+    assert rule.sender == ["@erp.contoso.com"]
+
+
+def test_a_route_to_an_unknown_upstream_or_listener_is_refused(tmp_path: Path) -> None:
+    text = BASE + '[[route]]\nlistener = ["0.0.0.0:25"]\nupstream = "payroll"\n'
+    assert problems(tmp_path, text) == [
+        ("route.0.upstream", "no upstream named 'payroll': ['default', 'invoices']"),
+        ("route.0.listener", "'0.0.0.0:25' is not in [smtp] listen"),
+    ]
+
+
+@pytest.mark.parametrize("name", ["default", "Invoices", "in voices"])
+def test_upstream_names(tmp_path: Path, name: str) -> None:
+    text = BASE.replace("[upstreams.invoices]", f'[upstreams."{name}"]')
+    [(path, reason)] = problems(tmp_path, text)
+    assert path == "upstreams"
+    assert "upstream names are lower-case" in reason
