@@ -166,6 +166,16 @@ REPLY_RULES: tuple[Rule, ...] = (
         action=Action.PAUSE_UPSTREAM,
         hint="another client uses the same mailbox; lower [upstream] connections",
     ),
+    Rule(
+        Verdict.DEFER,
+        code=451,
+        enhanced_prefix="4.7.500",
+        session_ok=False,
+        pause=RATE_PAUSE,
+        note="server busy: Exchange throttles this sender",
+        action=Action.PAUSE_UPSTREAM,
+        hint="Exchange throttled the connection; it passes by itself",
+    ),
     Rule(Verdict.DEFER, code=421, session_ok=False, note="server closing the channel"),
     _tenant_problem(
         "5.7.139",

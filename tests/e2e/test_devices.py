@@ -19,7 +19,7 @@ from tests.conftest import MAILBOX, RelayFactory, exchange_config
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.pki import TestPKI
-from tests.relayproc import RelayProcess, queue_id_of
+from tests.relayproc import RelayProcess, queue_id_of, strip_trace
 
 DEVICES = Path(__file__).resolve().parents[1] / "fixtures" / "devices"
 ENVELOPES = json.loads((DEVICES / "envelopes.json").read_text(encoding="utf-8"))
@@ -113,3 +113,48 @@ def test_a_netcat_script_ending_with_bare_lf_dot_is_not_acknowledged_and_logged(
     assert not list((tmp_path / "spool" / "incoming").iterdir())
     metrics = exchange_relay.metrics()
     assert metrics['relay_messages_received_total{result="bare_lf_end"}'] == 1
+
+
+def test_a_copier_sending_as_its_own_address_is_delivered_as_the_mailbox(
+    exchange_relay: RelayProcess, exchange: FakeExchange
+) -> None:
+    """Sample 01 (Canon): envelope and From: scanner@printer.local, which Exchange would
+    refuse (SendAsDenied): rewritten envelope and From:, Reply-To: the device's address."""
+    queue_id = replay(exchange_relay, "01_canon_mfp_scan_qp_multipart.eml")
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert received.mail_from == MAILBOX
+    parsed = email.message_from_bytes(received.data, policy=email.policy.default)
+    [(display, address)] = getaddresses(parsed.get_all("From", []))
+    assert address == MAILBOX
+    assert display  # the device's name is kept as the display name
+    assert getaddresses(parsed.get_all("Reply-To", [])) == [("", "scanner@printer.local")]
+    exchange_relay.wait_for_log(
+        rf"\[{queue_id}\] sender policy: envelope sender scanner@printer.local"
+    )
+    exchange_relay.wait_for_log(rf"\[{queue_id}\] sender policy: From: ")
+
+
+def test_a_permitted_sender_with_from_header_keep_arrives_byte_for_byte(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    relay_factory: RelayFactory,
+) -> None:
+    """GLPI (sample 08, well formed) sending as a permitted address with from_header = keep:
+    what Exchange receives is exactly what GLPI sent, under the relay's Received: line."""
+    relay = relay_factory(
+        exchange_config(
+            tmp_path,
+            pki,
+            entra,
+            exchange,
+            **{"upstream.from_header": "keep", "upstream.send_as": ["@contoso.com"]},
+        )
+    )
+    exchange.add_mailbox(MAILBOX, send_as=["glpi@contoso.com", "helpdesk@contoso.com"])
+    name = "08_glpi10_ticket_followup_sender_header.eml"
+    queue_id = replay(relay, name)
+    [received] = exchange.wait_for_messages(1, timeout=20)
+    assert strip_trace(received.data, queue_id) == (DEVICES / name).read_bytes()
+    assert received.mail_from == ENVELOPES[name]["mail_from"]

@@ -145,6 +145,7 @@ def test_recipient_limit_reached(current: int, limit: int, expected: bool) -> No
 
 RATE = "30 messages a minute per mailbox exceeded: slow down"
 CONCURRENCY = "more than 3 concurrent connections for the mailbox"
+BUSY = "server busy: Exchange throttles this sender"
 CLOSING = "server closing the channel"
 AUTH_DISABLED = "SMTP AUTH disabled for the tenant or mailbox, or blocked by policy"
 TOKEN = "token refused: refresh once, keep the message queued"
@@ -166,6 +167,7 @@ def test_reply_rules_table_has_the_rows_these_tests_cover() -> None:
     assert [r.note for r in REPLY_RULES] == [
         RATE,
         CONCURRENCY,
+        BUSY,
         CLOSING,
         AUTH_DISABLED,
         NOT_AUTHENTICATED,
@@ -337,11 +339,6 @@ def test_row_552_at_rcpt_is_too_many_recipients_and_defers() -> None:
     ("stage", "code", "text"),
     [
         (Stage.RCPT, 452, "4.5.3 Too many recipients"),
-        (
-            Stage.EOD,
-            451,
-            "4.7.500 Server busy. Please try again later from [203.0.113.9]. (S77714)",
-        ),
         (Stage.EOD, 451, "4.4.0 STOREDRV.Submission.Exception:StorageTransientException"),
         (Stage.DATA, 451, "4.7.0 Temporary server error. Please try again later. PRX4"),
         (Stage.CONNECT, 451, "4.7.0 Temporary server error. Please try again later. PRX4"),
@@ -641,7 +638,8 @@ ACTIONS = [
     ),
     (Stage.RCPT, 552, "5.5.3 Too many recipients", Action.RETRY_RECIPIENT),
     (Stage.RCPT, 452, "4.5.3 Too many recipients", Action.RETRY_RECIPIENT),
-    (Stage.EOD, 451, "4.7.500 Server busy. Please try again later", Action.RETRY_MESSAGE),
+    (Stage.EOD, 451, "4.7.500 Server busy. Please try again later", Action.PAUSE_UPSTREAM),
+    (Stage.EOD, 451, "4.4.0 STOREDRV.Submission.Exception:StorageTransient", Action.RETRY_MESSAGE),
     (Stage.RCPT, 550, "5.1.10 RESOLVER.ADR.RecipientNotFound", Action.FAIL_RECIPIENT),
     (Stage.EOD, 554, "5.2.252 SendAsDenied; a not allowed to send as b", Action.FAIL_MESSAGE),
     (Stage.EOD, 250, "2.0.0 OK <id> [Hostname=x]", Action.DELIVER),
