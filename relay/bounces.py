@@ -39,7 +39,7 @@ class Bouncer:
         warn_after: float | None,
         max_age: float,
         reporting_mta: str,
-        from_address: str,
+        route: Callable[[str], tuple[str, str]],
         enqueue: Callable[[QueueEntry], None],
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
@@ -49,7 +49,7 @@ class Bouncer:
         self.warn_after = warn_after
         self._max_age = max_age
         self._mta = reporting_mta
-        self._from = from_address
+        self._route = route  # original upstream -> (upstream for the notice, its From: address)
         self._enqueue = enqueue
         self._metrics = metrics
         self._clock = clock
@@ -61,20 +61,21 @@ class Bouncer:
         await self._notify(entry, "delay")
 
     def wants_delay_warning(self, entry: QueueEntry, now: float) -> bool:
-        return (
-            self.warn_after is not None
-            and not entry.warned
-            and now - entry.received_at >= self.warn_after
-            and dsn.notice_recipient(self._bounce_to, entry.mail_from) is not None
-        )
+        if self.warn_after is None or entry.warned or now - entry.received_at < self.warn_after:
+            return False
+        try:
+            return dsn.notice_recipient(self._bounce_to, entry.mail_from) is not None
+        except ValueError:
+            return False
 
     async def _notify(self, entry: QueueEntry, kind: str) -> None:
         recipient = dsn.notice_recipient(self._bounce_to, entry.mail_from)
         if recipient is None:
             return
+        upstream, from_address = self._route(entry.upstream)
         try:
-            notice = await asyncio.to_thread(self._build, entry, recipient, kind)
-            queued = self._as_entry(notice, entry.upstream)  # the same mailbox sends it
+            notice = await asyncio.to_thread(self._build, entry, recipient, kind, from_address)
+            queued = self._as_entry(notice, upstream)
             await asyncio.to_thread(self._spool.commit, queued, notice.data)
         except Exception:
             log.exception("could not queue a %s notice", kind, extra={"queue_id": entry.queue_id})
@@ -89,7 +90,7 @@ class Bouncer:
         )
         self._enqueue(queued)
 
-    def _build(self, entry: QueueEntry, recipient: str, kind: str) -> dsn.Notice:
+    def _build(self, entry: QueueEntry, recipient: str, kind: str, from_address: str) -> dsn.Notice:
         now = datetime.fromtimestamp(self._clock(), UTC)
         try:
             with self._spool.body_path(entry.queue_id).open("rb") as body:
@@ -103,7 +104,7 @@ class Bouncer:
                 reporting_mta=self._mta,
                 now=now,
                 original_headers=headers,
-                from_address=self._from,
+                from_address=from_address,
             )
         return dsn.delay_notice(
             entry,
@@ -111,7 +112,7 @@ class Bouncer:
             reporting_mta=self._mta,
             now=now,
             original_headers=headers,
-            from_address=self._from,
+            from_address=from_address,
             will_retry_until=datetime.fromtimestamp(entry.received_at + self._max_age, UTC),
         )
 

@@ -38,7 +38,9 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from relay.dsn import usable_address
 from relay.errors import ConfigError
+from relay.sender import SenderPolicy
 
 # --- value types -------------------------------------------------------------------------------
 
@@ -218,7 +220,7 @@ class DeliverySettings(_Section):
         value = value.strip()
         if value.lower() in ("sender", "none"):
             return value.lower()
-        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value):
+        if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+", value) or not usable_address(value):
             raise ValueError('must be "sender", "none" or an address such as it@contoso.com')
         return value
 
@@ -373,6 +375,11 @@ class UpstreamSettings(_Section):
             problems.append(
                 ("mailbox", "required: the mailbox the app sends as, e.g. relay@contoso.com")
             )
+        if not problems:
+            try:
+                SenderPolicy(self.mailbox, tuple(self.send_as), from_header=self.from_header)
+            except ValueError as exc:
+                problems.append(("mailbox", str(exc)))
         problems.extend((f"oauth.{key}", reason) for key, reason in self.oauth.problems())
         if problems:
             raise PydanticCustomError(
@@ -482,6 +489,25 @@ class Settings(BaseSettings):
             raise PydanticCustomError(
                 "field_problems", "routes are invalid", {"problems": problems}
             )
+        return self
+
+    @model_validator(mode="after")
+    def _one_upstream_per_mailbox(self) -> Settings:
+        """Exchange's limits are per mailbox: two upstreams on one mailbox would each pace as if
+        alone, and together exceed them."""
+        seen: dict[str, str] = {}
+        problems = []
+        for name, upstream in self.all_upstreams().items():
+            if upstream.kind != "exchange-online":
+                continue
+            mailbox = upstream.mailbox.lower()
+            if mailbox in seen:
+                problems.append(
+                    (f"upstreams.{name}.mailbox", f"{mailbox} is already used by {seen[mailbox]!r}")
+                )
+            seen.setdefault(mailbox, name)
+        if problems:
+            raise PydanticCustomError("field_problems", "mailboxes repeat", {"problems": problems})
         return self
 
     def all_upstreams(self) -> dict[str, UpstreamSettings]:

@@ -24,7 +24,7 @@ from relay.config import (
     parse_host_port,
     parse_network,
 )
-from relay.delivery import Delivery
+from relay.delivery import Delivery, requeue_active
 from relay.ingress import Ingress, IngressLimits, RelayHandler
 from relay.metrics import Metrics, MetricsServer
 from relay.model import QueueEntry
@@ -94,6 +94,11 @@ class Deliveries:
 
     def __init__(self, settings: Settings, spool: Spool, metrics: Metrics) -> None:
         self.by_name: dict[str, Delivery] = {}
+        self._spool = spool
+        self._senders = {
+            name: notice_sender(upstream, settings.smtp.hostname)
+            for name, upstream in settings.all_upstreams().items()
+        }
         names = set(settings.all_upstreams())
         for name, upstream in settings.all_upstreams().items():
             self.by_name[name] = Delivery(
@@ -108,13 +113,22 @@ class Deliveries:
                     warn_after=settings.delivery.warn_after,
                     max_age=settings.delivery.max_age,
                     reporting_mta=settings.smtp.hostname,
-                    from_address=notice_sender(upstream, settings.smtp.hostname),
+                    route=self.notice_route,
                     enqueue=self.enqueue,
                     metrics=metrics,
                 ),
                 connections=upstream.max_connections(),
                 accepts=_accepts(name, names),
             )
+
+    def notice_route(self, original: str) -> tuple[str, str]:
+        """A notice goes out through the upstream of its message, unless that one is paused
+        (often the very reason the message failed): then through one that works."""
+        own = original if original in self.by_name else DEFAULT_UPSTREAM
+        for name in dict.fromkeys([own, DEFAULT_UPSTREAM, *self.by_name]):
+            if not self.by_name[name].paused:
+                return ("" if name == DEFAULT_UPSTREAM else name), self._senders[name]
+        return ("" if own == DEFAULT_UPSTREAM else own), self._senders[own]
 
     def enqueue(self, entry: QueueEntry) -> None:
         name = entry.upstream or DEFAULT_UPSTREAM
@@ -129,7 +143,8 @@ class Deliveries:
             delivery.start()
 
     async def stop(self, grace: float) -> None:
-        await asyncio.gather(*(d.stop(grace) for d in self.by_name.values()))
+        await asyncio.gather(*(d.stop(grace, requeue=False) for d in self.by_name.values()))
+        await requeue_active(self._spool)
 
 
 def _accepts(name: str, names: set[str]) -> Callable[[str], bool]:

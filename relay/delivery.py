@@ -32,6 +32,7 @@ from relay.policy import (
     RATE_PAUSE,
     Action,
     Decision,
+    Stage,
     Verdict,
     classify_error,
     classify_reply,
@@ -166,11 +167,38 @@ class Delivery:
                 return
             try:
                 found = await self.load_queue()
+                if self.paused:
+                    await self._expire_while_paused()
             except OSError:
                 log.exception("could not scan the spool")
                 continue
             if found:
                 log.info("scheduled %d queued messages found in the spool", found)
+
+    async def _expire_while_paused(self) -> None:
+        """While the upstream is paused no message is attempted, so none would ever reach
+        max_age: fail the expired ones now (and notify their senders)."""
+        now = self._clock()
+        for queue_id, state in await self._spool_call(self._expired_ids, now):
+            if not await self._spool_call(self._spool.claim, queue_id, state):
+                continue
+            entry = await self._load_active(queue_id)
+            if entry is not None:
+                await self._record(entry, {})
+
+    def _expired_ids(self, now: float) -> list[tuple[str, State]]:
+        found = []
+        for state in QUEUED_STATES:
+            for queue_id in list(self._spool.ids(state)):
+                try:
+                    entry = self._spool.load(state, queue_id)
+                except (OSError, CorruptEntry):
+                    continue
+                if self._accepts(entry.upstream) and expired(
+                    entry.received_at, now, self._settings.max_age
+                ):
+                    found.append((queue_id, state))
+        return found
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -180,8 +208,9 @@ class Delivery:
         ]
         self._tasks.append(asyncio.create_task(self._reconcile(), name="delivery-reconcile"))
 
-    async def stop(self, grace: float) -> None:
-        """Let workers finish the message in hand within `grace`, then cancel and requeue."""
+    async def stop(self, grace: float, *, requeue: bool = True) -> None:
+        """Let workers finish the message in hand within `grace`, then cancel; with `requeue`,
+        put what is left in active/ back (only when this is the spool's only Delivery)."""
         self._stopping = True
         self._stop_requested.set()
         self.scheduler.poke()
@@ -194,16 +223,8 @@ class Delivery:
             await asyncio.wait(pending)
         if self._spool_ops:
             await asyncio.wait(set(self._spool_ops), timeout=SPOOL_DRAIN_SECONDS)
-        requeued = await asyncio.to_thread(self._requeue_active)
-        if requeued:
-            log.warning("requeued %d messages still in flight at shutdown", requeued)
-
-    def _requeue_active(self) -> int:
-        """Everything left in active/ is ours (the spool is locked) and unfinished."""
-        return sum(
-            self._spool.move(queue_id, State.ACTIVE, State.INCOMING)
-            for queue_id in list(self._spool.ids(State.ACTIVE))
-        )
+        if requeue:
+            await requeue_active(self._spool)
 
     @property
     def paused(self) -> bool:
@@ -313,19 +334,21 @@ class Delivery:
     ) -> UpstreamSession | None:
         queue_id, state = item
         if queue_id in self._unsaved:
+            self._pacer.release_message()
             await self._store_outcome(self._unsaved.pop(queue_id))
             return session
         if not await self._spool_call(self._spool.claim, queue_id, state):
+            self._pacer.release_message()
             return session  # gone: delivered, deleted or claimed by someone else
         entry = await self._load_active(queue_id)
-        if entry is None:
-            return session
-        if not await self._within_recipient_budget(entry):
+        if entry is None or not await self._within_recipient_budget(entry):
+            self._pacer.release_message()
             return session
         if session is None:
             try:
                 session = await self._upstream.open()
             except Exception as exc:
+                self._pacer.release_message()
                 await self._session_failed(entry, exc)
                 return None
             self._resume()
@@ -333,12 +356,11 @@ class Delivery:
         return session
 
     async def _within_recipient_budget(self, entry: QueueEntry) -> bool:
-        """Take the message's recipients from the daily budget, or put it back until they fit."""
+        """True when the message's recipients fit today's budget (they are charged once the
+        upstream accepted them); else it waits in deferred/ until they do."""
         now = self._clock()
-        recipients = len(entry.pending)
-        wait = self._pacer.recipient_delay(now, recipients)
+        wait = self._pacer.recipient_delay(now, len(entry.pending))
         if wait <= 0:
-            self._pacer.take_recipients(now, recipients)
             return True
         log.warning(
             "daily recipient budget of the mailbox reached; waiting %.0fs",
@@ -405,6 +427,8 @@ class Delivery:
                 )
         else:
             decisions = {a: classify_reply(stage, reply) for a, (stage, reply) in outcomes.items()}
+            accepted = sum(1 for stage, _ in outcomes.values() if stage is not Stage.RCPT)
+            self._pacer.take_recipients(self._clock(), accepted)  # what passed RCPT counts
         await self._react(list(decisions.values()), session)
         await self._record(entry, decisions)
 
@@ -564,3 +588,18 @@ def _summary(entry: QueueEntry) -> str:
     if not entry.done:
         return "deferred"
     return "failed" if entry.any_failed else "delivered"
+
+
+async def requeue_active(spool: Spool) -> None:
+    """At shutdown, once every Delivery of the spool has stopped: what is left in active/ is
+    unfinished (the spool is locked to this process) and goes back to incoming/."""
+
+    def requeue() -> int:
+        return sum(
+            spool.move(queue_id, State.ACTIVE, State.INCOMING)
+            for queue_id in list(spool.ids(State.ACTIVE))
+        )
+
+    requeued = await asyncio.to_thread(requeue)
+    if requeued:
+        log.warning("requeued %d messages still in flight at shutdown", requeued)

@@ -42,7 +42,8 @@ QUEUE_ID_FIELD = "X-Oauth-Relay-Queue-Id"
 
 _REPLY = re.compile(r"([2-5])\d\d(?:[ -]([245])\.(\d{1,3})\.(\d{1,3}))?(?=[\s-]|$)", re.ASCII)
 _HOSTNAME = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?)*"
 )
 _HELO = re.compile(r"[!-:<-~]{1,255}")  # printable ASCII without ";" (the field's separator)
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
@@ -428,6 +429,11 @@ def _qp_lines(lines: list[bytes]) -> bytes:
     """Quoted-printable (RFC 2045 6.7), line by line, with CRLF soft and hard line breaks."""
     encoded = (binascii.b2a_qp(line, quotetabs=False, istext=True) for line in lines)
     return b"\r\n".join(line.replace(b"\n", b"\r\n") for line in encoded)
+
+
+def usable_address(address: str) -> bool:
+    """An address a notice can be sent to (config validation uses the same test)."""
+    return _usable_address(address)
 
 
 def _usable_address(address: str) -> bool:

@@ -357,8 +357,10 @@ class RelaySMTP(SMTP):
             await self.push(str(replies.MESSAGE_TOO_BIG))
             return
         self.envelope.content = self.envelope.original_content = result.data
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
     async def _refuse_until_quit(self) -> None:

@@ -67,6 +67,13 @@ class Pacer:
             self.take(now, 0)
         return wait
 
+    def release_message(self) -> None:
+        """Give back the last reserved slot: the message it was for was not sent."""
+        limit = self.budget.messages_per_minute
+        if limit and self._sends:
+            self._sends.pop()
+            self._next_slot -= MINUTE / limit
+
     def recipient_delay(self, now: float, recipients: int) -> float:
         self._forget(now)
         return self._recipient_delay(now, recipients)

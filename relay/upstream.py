@@ -133,7 +133,7 @@ class ExchangeOnlineSession:
 
     async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
         pending = [r.address for r in entry.pending]
-        mail_from, body = self._apply_policy(entry, body)
+        mail_from, body = await asyncio.to_thread(self._apply_policy, entry, body)
         if entry.smtputf8 and not self._client.supports_extension("smtputf8"):
             return {address: (Stage.MAIL, NO_SMTPUTF8) for address in pending}
         options, encoding = self._mail_options(entry)

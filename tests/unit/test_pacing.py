@@ -83,3 +83,13 @@ def test_a_message_larger_than_the_daily_budget_waits_for_an_empty_day() -> None
     assert pacer.acquire(0.0, 10) == 0
     assert 0 < pacer.delay(1.0, 500) <= DAY
     assert pacer.delay(DAY + 1, 500) == 0
+
+
+def test_a_released_slot_is_free_again() -> None:
+    """A slot taken for a message that was then not sent (claimed elsewhere, session failed)
+    goes back, so failures do not eat the mailbox's rate."""
+    pacer = Pacer(Budget(messages_per_minute=30))
+    assert pacer.reserve_message(0.0) == 0
+    assert pacer.reserve_message(0.0) == 2.0
+    pacer.release_message()
+    assert pacer.reserve_message(0.0) == 0

@@ -92,3 +92,40 @@ def test_upstream_names(tmp_path: Path, name: str) -> None:
     [(path, reason)] = problems(tmp_path, text)
     assert path == "upstreams"
     assert "upstream names are lower-case" in reason
+
+
+def test_two_upstreams_on_one_mailbox_are_refused(tmp_path: Path) -> None:
+    text = """
+[smtp]
+allow = ["127.0.0.0/8"]
+[upstream]
+mailbox = "relay@contoso.com"
+[upstream.oauth]
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+[upstreams.copy]
+mailbox = "Relay@contoso.com"
+[upstreams.copy.oauth]
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+"""
+    assert problems(tmp_path, text) == [
+        ("upstreams.copy.mailbox", "relay@contoso.com is already used by 'default'")
+    ]
+
+
+def test_a_mailbox_the_sender_policy_cannot_use_is_a_config_error(tmp_path: Path) -> None:
+    text = """
+[smtp]
+allow = ["127.0.0.0/8"]
+[upstream]
+mailbox = "rélay@contoso.com"
+[upstream.oauth]
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+"""
+    [(path, _reason)] = problems(tmp_path, text)
+    assert path == "upstream.mailbox"
