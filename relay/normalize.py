@@ -602,6 +602,7 @@ def _fix_leaf(ent: _Entity, cte: str, ctx: _Ctx, where: str, depth: int) -> None
             encoded, name = base64.encodebytes(decoded).replace(b"\n", CRLF), "base64"
         ent.body = encoded
         _set_cte(ent, name)
+        _declare_charset(ent, decoded, ctx, loc)
         if depth == 0 and ent.get("mime-version") is None:
             ent.add(_Field("mime-version", b"MIME-Version: 1.0\r\n"))
             ctx.changes.append("added MIME-Version")
@@ -643,6 +644,22 @@ def _collides(encoded: bytes, original: bytes, ctx: _Ctx) -> bool:
         or (encoded.startswith(b"--" + b) and not original.startswith(b"--" + b))
         for b in ctx.boundaries
     )
+
+
+def _declare_charset(ent: _Entity, decoded: bytes, ctx: _Ctx, loc: str) -> None:
+    """Once encoded, 8-bit text needs its charset declared (the MIME default is US-ASCII):
+    a part with no Content-Type becomes text/plain with the charset its bytes are valid in."""
+    if decoded.isascii() or ent.get("content-type") is not None:
+        return
+    try:
+        decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        charset = "iso-8859-1"
+    else:
+        charset = "utf-8"
+    field = f"Content-Type: text/plain; charset={charset}\r\n".encode()
+    ent.add(_Field("content-type", field))
+    ctx.changes.append(f"declared text/plain; charset={charset}{loc}")
 
 
 def _set_cte(ent: _Entity, name: str) -> None:

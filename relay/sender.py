@@ -474,7 +474,21 @@ def _field_bytes(raw_name: bytes, entries: tuple[str, ...], fold: bytes) -> byte
             lines.append(" " + piece)
         else:
             lines[-1] += ("" if index == 0 else " ") + piece
-    return fold.join(line.encode("latin-1") for line in lines)
+    folded = [part for line in lines for part in _fold_long(line)]
+    return fold.join(line.encode("latin-1") for line in folded)
+
+
+def _fold_long(line: str, limit: int = 900) -> list[str]:
+    """Split a line longer than `limit` at spaces (RFC 5322 folding), so that a rewritten
+    field never exceeds the 998-octet line limit. A run without spaces stays whole."""
+    parts: list[str] = []
+    while len(line) > limit:
+        cut = line.rfind(" ", 1, limit)
+        if cut <= 0:
+            break
+        parts.append(line[:cut])
+        line = line[cut:]
+    return [*parts, line]
 
 
 @dataclass

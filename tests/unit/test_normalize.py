@@ -636,3 +636,19 @@ def test_30mb_bare_lf_scan_is_fixed_in_linear_time() -> None:
     assert result.changes == ("bare LF line ends -> CRLF",)
     assert len(result.data) == len(raw) + raw.count(b"\n")
     assert elapsed < 3.0, elapsed
+
+
+def test_re_encoded_8bit_text_without_content_type_declares_its_charset() -> None:
+    """The MIME default is US-ASCII: once a long UTF-8 line is quoted-printable, the charset
+    must be said or readers show mojibake."""
+    raw = (
+        b"Date: Sun, 29 Nov 2026 18:00:00 +0000\r\nMessage-ID: <cs@example.com>\r\n"
+        b"From: a@example.com\r\nSubject: x\r\n\r\n" + ("Grüße " * 300).encode() + b"\r\n"
+    )
+    result = normalize_message(
+        raw, envelope_from="a@example.com", hostname="relay.test", now=NOW, smtputf8=False
+    )
+    parsed = email.message_from_bytes(result.data, policy=email.policy.default)
+    assert parsed.get_content_type() == "text/plain"
+    assert parsed.get_content_charset() == "utf-8"
+    assert parsed.get_content().startswith("Grüße Grüße")

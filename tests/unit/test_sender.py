@@ -8,6 +8,8 @@ Exchange refuses a message whose envelope sender or From: the mailbox may not se
 
 from __future__ import annotations
 
+import email
+import email.policy
 import email.utils
 import re
 
@@ -743,3 +745,13 @@ def test_raw_utf8_from_address_listed_in_send_as_is_permitted() -> None:
     result = apply_sender_policy(policy, "jürgen@contoso.com", data)
     assert result.data is data
     assert result.changes == ()
+
+
+def test_a_rewritten_from_with_a_very_long_display_name_stays_under_998_octets() -> None:
+    policy = SenderPolicy("relay@contoso.com")
+    name = " ".join(["Word"] * 200)
+    data = f'From: "{name}" <x@printer.local>\r\nSubject: s\r\n\r\nb\r\n'.encode()
+    result = apply_sender_policy(policy, "x@printer.local", data)
+    assert max(len(line) for line in result.data.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(result.data, policy=email.policy.default)
+    assert parsed["From"].addresses[0].addr_spec == "relay@contoso.com"
