@@ -345,3 +345,28 @@ def test_on_ambiguous_hold_keeps_the_message_for_review_instead_of_resending(
     relay.start()  # a held message survives a restart untouched
     assert spool_state(spool, queue_id) == "hold"
     assert (spool / "data" / f"{queue_id}.eml").exists()
+
+
+def test_a_delay_notice_goes_out_once_after_warn_after(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    relay_factory: RelayFactory,
+) -> None:
+    relay = relay_factory(
+        exchange_config(tmp_path, pki, entra, exchange, **{"delivery.warn_after": "0.5s"})
+    )
+    exchange.inject(
+        "eod", "451 4.4.0 STOREDRV.Submission.Exception:StorageTransientException", times=5
+    )
+    queue_id = _deliver_once(relay, exchange)
+    relay.wait_for_log(rf"\[{queue_id}\] delay notice \w+ queued for <{MAILBOX}>", timeout=20)
+    received = exchange.wait_for_messages(2, timeout=30)
+    [notice] = [m for m in received if b"Delayed Mail" in m.data]
+    report = email.message_from_bytes(notice.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    status = report.get_payload()[1].get_payload()
+    assert status[1]["Action"] == "delayed"
+    assert [m for m in received if m.message_id_reply == "<e2e-1@contoso.com>"]
+    assert relay.log_text().count("delay notice") == 1
