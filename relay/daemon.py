@@ -62,6 +62,9 @@ def build_upstream(
         assert upstream.path is not None
         return MaildirUpstream(upstream.path, name=name)
     provider = MsalTokenProvider(upstream.oauth)
+    metrics.token_expiry.labels(upstream=name).set_function(
+        lambda: max(0.0, provider.expires_at - time.time())
+    )
 
     async def counted_token() -> str:
         try:
@@ -133,6 +136,9 @@ class Deliveries:
     def enqueue(self, entry: QueueEntry) -> None:
         name = entry.upstream or DEFAULT_UPSTREAM
         self.by_name.get(name, self.by_name[DEFAULT_UPSTREAM]).enqueue(entry)
+
+    def unready_reason(self) -> str:
+        return next((r for d in self.by_name.values() if (r := d.unready_reason())), "")
 
     async def load_queue(self) -> int:
         counts = await asyncio.gather(*(d.load_queue() for d in self.by_name.values()))
@@ -225,7 +231,9 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
             len(report.quarantined),
             report.removed_partial,
         )
-    metrics.watch_queue(lambda: {state.value: n for state, n in spool.depth().items()})
+    metrics.watch_queue(
+        lambda: {state.value: n for state, n in spool.depth().items()}, spool.oldest_queued
+    )
     delivery = Deliveries(settings, spool, metrics)
     queued = await delivery.load_queue()
     smtp = settings.smtp
@@ -235,11 +243,15 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
     handler = RelayHandler(spool, limits, metrics, delivery.enqueue, route=router(settings))
     ingress = Ingress(handler, limits)
 
+    metrics.sessions.set_function(lambda: len(ingress.sessions))
+
     def readiness() -> tuple[bool, str]:
         if not ingress.listening:
             return False, "not listening"
         if not spool.writable():
             return False, "spool not writable"
+        if reason := delivery.unready_reason():
+            return False, reason
         return True, ""
 
     metrics_server = MetricsServer(metrics, readiness)

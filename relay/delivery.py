@@ -112,6 +112,11 @@ class Delivery:
         self._spool_ops: set[asyncio.Future[object]] = set()
         self._unsaved: dict[str, _Outcome] = {}
         self._stop_requested = asyncio.Event()
+        self._last_delivery = time.monotonic()
+        self._pause_kind = ""
+        metrics.since_delivery.labels(upstream=upstream.name).set_function(
+            lambda: time.monotonic() - self._last_delivery
+        )
 
     # --- spool access --------------------------------------------------------------------------
 
@@ -237,6 +242,7 @@ class Delivery:
         if until <= self._paused_until:
             return
         self._paused_until = until
+        self._pause_kind = kind
         name = self._upstream.name
         self._metrics.upstream_paused.labels(upstream=name).set(1)
         self._metrics.upstream_pauses.labels(upstream=name, reason=kind).inc()
@@ -248,6 +254,12 @@ class Delivery:
             log.info("upstream %s works again", self._upstream.name)
         self._session_failures = 0
         self._metrics.upstream_paused.labels(upstream=self._upstream.name).set(0)
+
+    def unready_reason(self) -> str:
+        """Why this upstream makes the relay not ready: paused for anything but throttling."""
+        if self.paused and self._pause_kind != "throttled":
+            return f"upstream {self._upstream.name} paused ({self._pause_kind})"
+        return ""
 
     def _pause_left(self) -> float:
         return max(0.0, self._paused_until - self._clock())
@@ -391,6 +403,7 @@ class Delivery:
             self._session_failures, PAUSE_INITIAL, self._settings.retry_max, self._rand()
         )
         kind = "configuration" if decision.action is Action.PAUSE_UPSTREAM else "unreachable"
+        self._metrics.attempts.labels(upstream=self._upstream.name, outcome="no_session").inc()
         self._pause(max(pause, decision.pause), str(error), kind, decision.hint)
         if decision.refresh_token:
             await self._upstream.token_refused()
@@ -443,6 +456,7 @@ class Delivery:
             log.exception("could not hold the message", extra={"queue_id": entry.queue_id})
             return
         self._metrics.held.inc()
+        self._metrics.attempts.labels(upstream=self._upstream.name, outcome="ambiguous").inc()
         log.warning(
             "outcome unknown (connection lost after the data): held in hold/ for review "
             "(on_ambiguous = hold); release it to resend or delete it",
@@ -534,6 +548,7 @@ class Delivery:
             self._spool.remove(entry.queue_id, State.ACTIVE)
 
     def _count(self, entry: QueueEntry, summary: str) -> None:
+        self._metrics.attempts.labels(upstream=self._upstream.name, outcome=summary).inc()
         if summary == "deferred":
             self._metrics.deferred.inc()
         elif entry.any_failed:
@@ -545,6 +560,8 @@ class Delivery:
             self._metrics.failed.labels(reason=reason).inc()
         else:
             self._metrics.delivered.inc()
+            self._metrics.latency.observe(max(0.0, self._clock() - entry.received_at))
+            self._last_delivery = time.monotonic()
             log.info(
                 "delivered to all %d recipients",
                 len(entry.recipients),

@@ -240,6 +240,7 @@ class RelayHandler:
         if commit.cancelled() or commit.exception() is not None:
             return
         self._metrics.received.labels(result="accepted").inc()
+        self._metrics.message_size.observe(entry.size)
         log.info(
             "accepted from=<%s> rcpts=%d size=%d client=%s helo=%s",
             entry.mail_from,

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     disable_created_metrics,
     generate_latest,
 )
@@ -29,8 +31,15 @@ log = logging.getLogger("relay.metrics")
 
 
 class _QueueDepth(Collector):
-    def __init__(self, depth: Callable[[], Mapping[str, int]]) -> None:
+    def __init__(
+        self,
+        depth: Callable[[], Mapping[str, int]],
+        oldest: Callable[[], float | None],
+        clock: Callable[[], float],
+    ) -> None:
         self._depth = depth
+        self._oldest = oldest
+        self._clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
@@ -38,11 +47,18 @@ class _QueueDepth(Collector):
         )
         try:
             depth = self._depth()
+            oldest = self._oldest()
         except OSError:
-            depth = {}
+            depth, oldest = {}, None
         for state, count in sorted(depth.items()):
             family.add_metric([state], count)
         yield family
+        age = GaugeMetricFamily(
+            "relay_queue_oldest_age_seconds",
+            "Age of the oldest message waiting for delivery (incoming, active, deferred)",
+        )
+        age.add_metric([], 0.0 if oldest is None else max(0.0, self._clock() - oldest))
+        yield age
 
 
 RECEIVED_RESULTS = (
@@ -110,6 +126,40 @@ class Metrics:
             ["upstream", "reason"],
             registry=r,
         )
+        self.attempts = Counter(
+            "relay_delivery_attempts",
+            "Delivery attempts by upstream and outcome (delivered, deferred, failed, "
+            "ambiguous, no_session)",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "relay_delivery_latency_seconds",
+            "From acceptance to the upstream's 250 for the last recipient",
+            buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400),
+            registry=r,
+        )
+        self.message_size = Histogram(
+            "relay_message_size_bytes",
+            "Size of accepted messages",
+            buckets=(4096, 65536, 262144, 1 << 20, 5 << 20, 10 << 20, 25 << 20, 50 << 20),
+            registry=r,
+        )
+        self.sessions = Gauge(
+            "relay_smtp_sessions_open", "SMTP client sessions open now", registry=r
+        )
+        self.token_expiry = Gauge(
+            "relay_token_expiry_seconds",
+            "Seconds until the current access token of the upstream expires (0: none)",
+            ["upstream"],
+            registry=r,
+        )
+        self.since_delivery = Gauge(
+            "relay_seconds_since_last_delivery",
+            "Seconds since the upstream last accepted a message (since start if never)",
+            ["upstream"],
+            registry=r,
+        )
         self.quarantined = Counter(
             "relay_spool_quarantined", "Spool entries moved to corrupt/", registry=r
         )
@@ -122,8 +172,13 @@ class Metrics:
         for outcome in ("delivered", "deferred", "failed"):
             self.recipients.labels(outcome=outcome)
 
-    def watch_queue(self, depth: Callable[[], Mapping[str, int]]) -> None:
-        self.registry.register(_QueueDepth(depth))
+    def watch_queue(
+        self,
+        depth: Callable[[], Mapping[str, int]],
+        oldest: Callable[[], float | None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry.register(_QueueDepth(depth, oldest, clock))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -190,6 +190,11 @@ class Spool:
                 return state
         return None
 
+    def oldest_queued(self) -> float | None:
+        """Acceptance time of the oldest message not yet finished (ids start with it)."""
+        ids = [i for s in (State.INCOMING, State.ACTIVE, State.DEFERRED) for i in self.ids(s)]
+        return int(min(ids)[:11], 16) / 1000 if ids else None
+
     def depth(self) -> dict[State, int]:
         return {state: sum(1 for _ in self.ids(state)) for state in State}
 

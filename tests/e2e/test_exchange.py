@@ -105,6 +105,8 @@ def test_wrong_secret_pauses_the_upstream_and_fixing_it_resumes_delivery(
     assert metrics['relay_upstream_pauses_total{reason="configuration",upstream="default"}'] >= 2
     assert exchange.messages == []
     assert new_secret not in relay.log_text()
+    assert relay.http_status("/readyz") == 503  # paused for a configuration problem
+    assert relay.http_status("/healthz") == 200
 
     entra.register_app(CLIENT_ID, secret=new_secret)  # the admin fixes the secret
     exchange.wait_for_messages(3, timeout=30)
@@ -112,6 +114,7 @@ def test_wrong_secret_pauses_the_upstream_and_fixing_it_resumes_delivery(
     assert not list((spool / "failed").iterdir())
     relay.wait_for_log("upstream default works again")
     assert relay.metrics()['relay_upstream_paused{upstream="default"}'] == 0
+    wait_until(lambda: relay.http_status("/readyz") == 200, 30, "ready again")
 
 
 def _deliver_once(relay: RelayProcess, exchange: FakeExchange, data: bytes = MESSAGE) -> str:
@@ -370,3 +373,24 @@ def test_a_delay_notice_goes_out_once_after_warn_after(
     assert status[1]["Action"] == "delayed"
     assert [m for m in received if m.message_id_reply == "<e2e-1@contoso.com>"]
     assert relay.log_text().count("delay notice") == 1
+
+
+def test_metrics_move_with_accept_defer_and_deliver(
+    exchange_relay: RelayProcess, exchange: FakeExchange, tmp_path: Path
+) -> None:
+    before = exchange_relay.metrics()
+    assert before["relay_queue_oldest_age_seconds"] == 0
+    assert before["relay_smtp_sessions_open"] == 0
+    exchange.inject("eod", "451 4.4.0 STOREDRV.Submission.Exception:StorageTransientException")
+    queue_id = _deliver_once(exchange_relay, exchange)
+    exchange.wait_for_messages(1, timeout=20)
+    wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "delivered")
+    m = exchange_relay.metrics()
+    assert m['relay_delivery_attempts_total{outcome="deferred",upstream="default"}'] == 1
+    assert m['relay_delivery_attempts_total{outcome="delivered",upstream="default"}'] == 1
+    assert m["relay_delivery_latency_seconds_count"] == 1
+    assert m["relay_message_size_bytes_count"] == 1
+    assert m["relay_message_size_bytes_sum"] > len(MESSAGE)  # with the Received: line
+    assert 3000 < m['relay_token_expiry_seconds{upstream="default"}'] <= 3599
+    assert m['relay_seconds_since_last_delivery{upstream="default"}'] < 30
+    assert m['relay_queue_messages{state="deferred"}'] == 0
