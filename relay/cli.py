@@ -1,4 +1,5 @@
-"""Command line: `oauth-relay serve | check-config`, and the only place exit codes are chosen.
+"""Command line: `oauth-relay serve | check-config | queue ...`; the only place exit codes are
+chosen.
 
 One job: parse argv, load the settings once, hand them to the daemon or print them. Exit codes:
 0 clean, 2 configuration error, 1 anything else.
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from relay import __version__
+from relay import __version__, queuetool
 from relay.config import Settings, load_settings, render
 from relay.errors import ConfigError, RelayError
 from relay.logs import setup_logging
+from relay.spool import Spool, State
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -41,7 +46,38 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--config", type=Path, help="TOML config file (default: $RELAY_CONFIG)"
         )
+    _queue_parser(commands)
     return parser
+
+
+QUEUE_VERBS = {
+    "list": "list queued messages (oldest first)",
+    "show": "envelope, recipient states, attempt history and headers of one message",
+    "retry": "make a deferred message (or --all) due now",
+    "hold": "keep a queued message from being delivered",
+    "release": "put a held message back in the queue",
+    "delete": "delete a message (not one being delivered)",
+    "export": "write a message's .eml to standard output",
+    "summary": "messages waiting, by upstream and age (like qshape)",
+}
+
+
+def _queue_parser(commands: Any) -> None:
+    queue = commands.add_parser("queue", help="look at and act on the queue (daemon running)")
+    queue.add_argument("--config", type=Path, help="TOML config file (default: $RELAY_CONFIG)")
+    verbs = queue.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, text in QUEUE_VERBS.items():
+        sub = verbs.add_parser(verb, help=text, description=text)
+        if verb in ("show", "hold", "release", "delete", "export"):
+            sub.add_argument("queue_id")
+        if verb == "retry":
+            sub.add_argument("queue_id", nargs="?")
+            sub.add_argument("--all", action="store_true", help="every deferred message")
+        if verb == "list":
+            sub.add_argument("--state", choices=[s.value for s in queuetool.LISTED])
+            sub.add_argument("--sender", default="", help="an address or @domain")
+        if verb in ("list", "show", "summary"):
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -73,9 +109,61 @@ def serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def queue(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    spool = Spool(settings.spool.path)
+    verb = args.verb
+    if verb == "list":
+        states = (State(args.state),) if args.state else queuetool.LISTED
+        _print_listing(queuetool.entries(spool, states, args.sender), args.json)
+    elif verb == "show":
+        _print_json(queuetool.show(spool, args.queue_id))
+    elif verb == "summary":
+        _print_summary(queuetool.summary(spool), args.json)
+    elif verb == "export":
+        sys.stdout.buffer.write(queuetool.export(spool, args.queue_id))
+    elif verb == "retry" and args.all:
+        print(f"{queuetool.retry_all(spool)} deferred messages are due now")
+    elif verb == "retry" and not args.queue_id:
+        raise queuetool.QueueToolError("give a queue id, or --all")
+    else:
+        getattr(queuetool, verb)(spool, args.queue_id)
+        print(f"{args.queue_id}: {verb} done")
+    return EXIT_OK
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _print_listing(items: list[queuetool.Listed], as_json: bool) -> None:
+    now = time.time()
+    if as_json:
+        _print_json([item.as_json(now) for item in items])
+        return
+    for item in items:
+        row = item.as_json(now)
+        print(
+            f"{row['queue_id']}  {row['state']:<8} {row['age_seconds']:>9.0f}s  "
+            f"{row['sender'] or '<>'} -> {', '.join(row['recipients'])}"
+            + (f"  [{row['last_error']}]" if row["last_error"] else "")
+        )
+    print(f"-- {len(items)} messages")
+
+
+def _print_summary(shape: dict[str, dict[str, int]], as_json: bool) -> None:
+    if as_json:
+        _print_json(shape)
+        return
+    columns = [name for _, name in queuetool.AGE_BUCKETS] + ["total"]
+    print(f"{'upstream':<16}" + "".join(f"{c:>8}" for c in columns))
+    for upstream, row in sorted(shape.items()):
+        print(f"{upstream:<16}" + "".join(f"{row[c]:>8}" for c in columns))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": serve, "check-config": check_config}
+    handlers = {"serve": serve, "check-config": check_config, "queue": queue}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

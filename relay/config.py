@@ -212,6 +212,7 @@ class DeliverySettings(_Section):
     retry_max: Duration = 3600.0
     bounce_to: str = "sender"
     on_ambiguous: Literal["resend", "hold"] = "resend"
+    rescan: Duration = 60.0  # how often the spool is scanned for messages put back by hand
     warn_after: Annotated[Duration | None, BeforeValidator(_blank_is_none)] = None
 
     @field_validator("bounce_to")

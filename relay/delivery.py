@@ -52,7 +52,7 @@ EXPIRED = SmtpReply(
 )
 IDLE_SESSION_SECONDS = 15.0  # an idle session is kept this long for the next paced message
 PAUSE_INITIAL = 5.0
-RECONCILE_SECONDS = 60.0
+RECONCILE_SECONDS = 60.0  # default of [delivery] rescan
 SPOOL_DRAIN_SECONDS = 10.0
 
 P = ParamSpec("P")
@@ -141,8 +141,8 @@ class Delivery:
         found = []
         for state in QUEUED_STATES:
             for queue_id in list(self._spool.ids(state)):
-                if self.scheduler.known(queue_id):
-                    continue
+                if self.scheduler.state_of(queue_id) is state:
+                    continue  # scheduled as it is; a state change (put back by hand) rereads
                 try:
                     entry = self._spool.load(state, queue_id)
                 except FileNotFoundError:
@@ -167,7 +167,7 @@ class Delivery:
         during its commit, a message put back by hand)."""
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_requested.wait(), RECONCILE_SECONDS)
+                await asyncio.wait_for(self._stop_requested.wait(), self._settings.rescan)
             if self._stopping:
                 return
             try:

@@ -17,33 +17,47 @@ from relay.spool import State
 
 
 class Scheduler:
-    """Due times of queued messages, smallest first. Waiting is on an event, never a sleep loop."""
+    """Due times of queued messages, smallest first. Waiting is on an event, never a sleep loop.
+
+    A message is scheduled once; adding it again with another state (put back by hand) or an
+    earlier due time replaces the old entry, which is then skipped when it reaches the top.
+    """
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._heap: list[tuple[float, int, str, State]] = []
-        self._queued: set[str] = set()
+        self._current: dict[str, tuple[float, State]] = {}
         self._seq = itertools.count()
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._current)
 
     def add(self, queue_id: str, due: float, state: State) -> None:
-        if queue_id in self._queued:
+        known = self._current.get(queue_id)
+        if known is not None and known[1] is state and known[0] <= due:
             return
-        self._queued.add(queue_id)
+        self._current[queue_id] = (due, state)
         heapq.heappush(self._heap, (due, next(self._seq), queue_id, state))
         self._changed.set()
 
+    def _drop_stale(self) -> None:
+        while self._heap:
+            due, _, queue_id, state = self._heap[0]
+            if self._current.get(queue_id) == (due, state):
+                return
+            heapq.heappop(self._heap)
+
     def pop_due(self) -> tuple[str, State] | None:
+        self._drop_stale()
         if self._heap and self._heap[0][0] <= self._clock():
             _, _, queue_id, state = heapq.heappop(self._heap)
-            self._queued.discard(queue_id)
+            del self._current[queue_id]
             return queue_id, state
         return None
 
     def seconds_until_due(self) -> float | None:
+        self._drop_stale()
         if not self._heap:
             return None
         return max(0.0, self._heap[0][0] - self._clock())
@@ -63,5 +77,7 @@ class Scheduler:
     def poke(self) -> None:
         self._changed.set()
 
-    def known(self, queue_id: str) -> bool:
-        return queue_id in self._queued
+    def state_of(self, queue_id: str) -> State | None:
+        """The state the message was scheduled in, or None when it is not scheduled."""
+        known = self._current.get(queue_id)
+        return None if known is None else known[1]

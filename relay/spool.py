@@ -232,6 +232,14 @@ class Spool:
         else:
             self.move(entry.queue_id, src, dst)
 
+    def delete(self, queue_id: str, state: State) -> bool:
+        """Delete a message by hand; False when it was no longer in `state` (claimed meanwhile)."""
+        if not unlink_quietly(self.meta_path(state, queue_id)):
+            return False
+        fsync_dir(self.dir(state))
+        unlink_quietly(self.body_path(queue_id))
+        return True
+
     def remove(self, queue_id: str, state: State) -> None:
         """Forget a finished message: metadata first (the commit marker), then the body."""
         unlink_quietly(self.meta_path(state, queue_id))

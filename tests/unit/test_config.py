@@ -595,6 +595,7 @@ def test_render_round_trips_through_tomllib(tmp_path: Path) -> None:
         "retry_max": "1h",
         "bounce_to": "sender",
         "on_ambiguous": "resend",
+        "rescan": "1m",
         "warn_after": "",
     }
     assert data["upstream"]["oauth"]["client_secret"] == "**********"
