@@ -75,6 +75,16 @@ def received_header(
     ).encode("ascii", "replace")
 
 
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^<>\s]{1,500}>)")
+
+
+def header_message_id(data: bytes) -> str:
+    """The Message-ID: of a (normalised) message, for the log line that traces it."""
+    end = data.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(data[: end if end >= 0 else min(len(data), 65536)])
+    return match.group(1).decode("ascii", "replace") if match else ""
+
+
 def declared_size(options: Sequence[str]) -> int:
     """The SIZE= a client declared at MAIL (RFC 1870), 0 when absent."""
     for option in options:
@@ -193,7 +203,8 @@ class RelayHandler:
         commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body))
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
         # this handler, not the delivery of a message that did reach the disk.
-        commit.add_done_callback(lambda done: self._committed(entry, done))
+        message_id = header_message_id(normalized.data)
+        commit.add_done_callback(lambda done: self._committed(entry, done, message_id))
         try:
             await asyncio.shield(commit)
         except Exception:
@@ -236,18 +247,19 @@ class RelayHandler:
             stamp=stamp,
         )
 
-    def _committed(self, entry: QueueEntry, commit: asyncio.Future[None]) -> None:
+    def _committed(self, entry: QueueEntry, commit: asyncio.Future[None], message_id: str) -> None:
         if commit.cancelled() or commit.exception() is not None:
             return
         self._metrics.received.labels(result="accepted").inc()
         self._metrics.message_size.observe(entry.size)
         log.info(
-            "accepted from=<%s> rcpts=%d size=%d client=%s helo=%s",
+            "accepted from=<%s> rcpts=%d size=%d client=%s helo=%s message-id=%s",
             entry.mail_from,
             len(entry.recipients),
             entry.size,
             entry.client,
             entry.helo,
+            message_id or "-",
             extra={"queue_id": entry.queue_id},
         )
         try:

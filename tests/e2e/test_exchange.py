@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from pathlib import Path
 
 from tests.conftest import CLIENT_ID, MAILBOX, RelayFactory, exchange_config
@@ -394,3 +395,25 @@ def test_metrics_move_with_accept_defer_and_deliver(
     assert 3000 < m['relay_token_expiry_seconds{upstream="default"}'] <= 3599
     assert m['relay_seconds_since_last_delivery{upstream="default"}'] < 30
     assert m['relay_queue_messages{state="deferred"}'] == 0
+
+
+def test_the_logs_alone_trace_a_message_from_its_message_id(
+    exchange_relay: RelayProcess, exchange: FakeExchange
+) -> None:
+    """What the accountant swears she sent: grep the Message-ID, get the queue id, then every
+    recipient's outcome and Exchange's reply (with Exchange's own id for its message trace)."""
+    exchange.inject("rcpt", "550 5.1.10 RESOLVER.ADR.RecipientNotFound", rcpt="gone@example.org")
+    exchange_relay.submit(MAILBOX, ["bob@example.org", "gone@example.org"], MESSAGE)
+    exchange.wait_for_messages(1, timeout=20)
+    exchange_relay.wait_for_log(r"to=<gone@example.org> failed")
+    log = exchange_relay.log_text()
+    [accepted] = [line for line in log.splitlines() if "message-id=<e2e-1@contoso.com>" in line]
+    queue_id = re.search(r"\[([0-9A-F]+)\] accepted", accepted).group(1)
+    lines = [line for line in log.splitlines() if f"[{queue_id}]" in line]
+    assert any(
+        "to=<bob@example.org> delivered" in line
+        and "250 2.0.0 OK <e2e-1@contoso.com>" in line
+        and "Hostname=" in line
+        for line in lines
+    )
+    assert any("to=<gone@example.org> failed" in line and "550 5.1.10" in line for line in lines)
