@@ -171,6 +171,8 @@ class Metrics:
             self.received.labels(result=result)
         for outcome in ("delivered", "deferred", "failed"):
             self.recipients.labels(outcome=outcome)
+        for result in ("ok", "error"):
+            self.token_requests.labels(result=result)
 
     def watch_queue(
         self,
