@@ -19,6 +19,18 @@ needs_promtool = pytest.mark.skipif(
 )
 
 
+def exported_names(metrics: Metrics) -> set[str]:
+    """Every series name the relay can export, including labelled ones not yet used."""
+    names: set[str] = set()
+    for family in metrics.registry.collect():
+        names |= {family.name} | {sample.name for sample in family.samples}
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        if family.type == "histogram":
+            names |= {f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+    return names
+
+
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
     assert PROMTOOL is not None
     return subprocess.run(
@@ -54,3 +66,18 @@ def test_every_alert_has_a_test_and_uses_only_exported_metrics() -> None:
     used = set(re.findall(r"\b(relay_[a-z_]+)", rules))
     assert used, "no metric found in the rules"
     assert used <= exported, used - exported
+
+
+def test_dashboard_queries_only_exported_metrics() -> None:
+    import json
+
+    dashboard = json.loads(
+        (RULES.parent / "grafana" / "oauth-relay-dashboard.json").read_text(encoding="utf-8")
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 12
+    metrics = Metrics()
+    metrics.watch_queue(lambda: {"incoming": 0}, lambda: None)
+    names = exported_names(metrics)
+    used = {m for e in exprs for m in re.findall(r"\b(relay_[a-z_]+)", e)}
+    assert used <= names, used - names
