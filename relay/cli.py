@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay import __version__, queuetool
-from relay.config import Settings, load_settings, render
+from relay import __version__, queuetool, sendtest
+from relay.config import Settings, load_settings, parse_host_port, render
 from relay.errors import ConfigError, RelayError
 from relay.logs import setup_logging
 from relay.spool import Spool, State
@@ -47,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
             "--config", type=Path, help="TOML config file (default: $RELAY_CONFIG)"
         )
     _queue_parser(commands)
+    test = commands.add_parser(
+        "send-test",
+        help="send a test message through the running relay and wait for its outcome",
+        description="Send a test message to the running relay over SMTP, like a device, and "
+        "wait until it is delivered or fails.",
+    )
+    test.add_argument("--config", type=Path, help="TOML config file (default: $RELAY_CONFIG)")
+    test.add_argument("--to", required=True, help="recipient of the test message")
+    test.add_argument("--from", dest="sender", help="sender (default: the upstream mailbox)")
+    test.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
+    test.add_argument("--server", help="host:port of the relay (default: its first listener)")
     return parser
 
 
@@ -161,9 +172,25 @@ def _print_summary(shape: dict[str, dict[str, int]], as_json: bool) -> None:
         print(f"{upstream:<16}" + "".join(f"{row[c]:>8}" for c in columns))
 
 
+def send_test(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    sender = args.sender or settings.upstream.mailbox or f"postmaster@{settings.smtp.hostname}"
+    server = parse_host_port(args.server) if args.server else None
+    queue_id = sendtest.submit(settings, sender, args.to, timeout=30, server=server)
+    print(f"queued as {queue_id}; waiting up to {args.timeout:.0f}s for the outcome")
+    outcome = sendtest.follow(settings, queue_id, args.timeout)
+    print(f"{queue_id}: {outcome.summary}")
+    return EXIT_OK if outcome.delivered else EXIT_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": serve, "check-config": check_config, "queue": queue}
+    handlers = {
+        "serve": serve,
+        "check-config": check_config,
+        "queue": queue,
+        "send-test": send_test,
+    }
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

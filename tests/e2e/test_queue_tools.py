@@ -107,3 +107,43 @@ def test_queue_tools_refuse_what_they_cannot_do(exchange_relay: RelayProcess) ->
     assert "no such message" in unknown.stderr
     assert queue(exchange_relay, "show", "../../etc/passwd").returncode == 1
     assert queue(exchange_relay, "retry").returncode == 1
+
+
+def send_test(relay: RelayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "send-test",
+            "--config",
+            str(relay.config),
+            "--server",
+            f"127.0.0.1:{relay.smtp_port}",
+            *args,
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=relay.cwd,
+    )
+
+
+def test_send_test_reports_delivery(exchange_relay: RelayProcess, exchange: FakeExchange) -> None:
+    result = send_test(exchange_relay, "--to", "it@example.org", "--timeout", "30")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "delivered: the upstream accepted it" in result.stdout
+    [message] = exchange.messages
+    assert message.rcpt_tos == ("it@example.org",)
+    assert message.mail_from == MAILBOX
+    assert b"Subject: oauth-relay test message from " in message.data
+
+
+def test_send_test_reports_the_upstreams_refusal(
+    exchange_relay: RelayProcess, exchange: FakeExchange
+) -> None:
+    exchange.inject("eod", "554 5.2.252 SendAsDenied; relay@contoso.com not allowed to send as x")
+    result = send_test(exchange_relay, "--to", "it@example.org", "--timeout", "30")
+    assert result.returncode == 1
+    assert "failed: it@example.org: 554 5.2.252 SendAsDenied" in result.stdout
