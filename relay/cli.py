@@ -110,9 +110,11 @@ def check_config(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     settings = _load(args)
-    secrets = []
-    if settings.upstream.oauth.client_secret is not None:
-        secrets.append(settings.upstream.oauth.client_secret.get_secret_value())
+    secrets = [
+        upstream.oauth.client_secret.get_secret_value()
+        for upstream in settings.all_upstreams().values()
+        if upstream.oauth.client_secret is not None
+    ]
     setup_logging(settings.log.level, settings.log.format, secrets)
     from relay import daemon  # noqa: PLC0415 - check-config needs none of the runtime
 
@@ -120,9 +122,21 @@ def serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _daemon_spool(settings: Settings) -> Spool:
+    """The spool a daemon uses (it leaves its lock file there); a wrong path would otherwise
+    look like an empty queue, or like a delivered test message."""
+    spool = Spool(settings.spool.path)
+    if not (spool.root / "lock").is_file():
+        raise queuetool.QueueToolError(
+            f"no relay spool at {spool.root}: use the daemon's config and environment "
+            "(RELAY_SPOOL__PATH in a systemd unit, for example)"
+        )
+    return spool
+
+
 def queue(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    spool = Spool(settings.spool.path)
+    spool = _daemon_spool(settings)
     verb = args.verb
     if verb == "list":
         states = (State(args.state),) if args.state else queuetool.LISTED
@@ -174,6 +188,7 @@ def _print_summary(shape: dict[str, dict[str, int]], as_json: bool) -> None:
 
 def send_test(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    _daemon_spool(settings)
     sender = args.sender or settings.upstream.mailbox or f"postmaster@{settings.smtp.hostname}"
     server = parse_host_port(args.server) if args.server else None
     queue_id = sendtest.submit(settings, sender, args.to, timeout=30, server=server)

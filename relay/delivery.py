@@ -402,7 +402,12 @@ class Delivery:
         pause = backoff(
             self._session_failures, PAUSE_INITIAL, self._settings.retry_max, self._rand()
         )
-        kind = "configuration" if decision.action is Action.PAUSE_UPSTREAM else "unreachable"
+        if decision.pause and decision.pause <= RATE_PAUSE:
+            kind = "throttled"  # e.g. 421 4.4.2 or 432 4.3.2 already at connect or AUTH
+        elif decision.action is Action.PAUSE_UPSTREAM:
+            kind = "configuration"
+        else:
+            kind = "unreachable"
         self._metrics.attempts.labels(upstream=self._upstream.name, outcome="no_session").inc()
         self._pause(max(pause, decision.pause), str(error), kind, decision.hint)
         if decision.refresh_token:
