@@ -3,16 +3,28 @@ running the real relay daemon against them. Everything listens on 127.0.0.1, por
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.pki import TestPKI, make_pki
 from tests.relayproc import RelayProcess, write_config
+
+# Property tests never fail for being slow on a busy machine, and in CI they draw the same
+# examples every run (deterministic: a flaky test would block every landing).
+settings.register_profile(
+    "relay",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=os.environ.get("CI", "").lower() in ("1", "true", "yes"),
+)
+settings.load_profile("relay")
 
 MAILBOX = "relay@contoso.com"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
