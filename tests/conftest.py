@@ -121,6 +121,25 @@ def relay_factory(tmp_path: Path) -> Iterator[RelayFactory]:
             relay.kill()
 
 
+RelayWith = Callable[..., RelayProcess]
+
+
+@pytest.fixture
+def relay_with(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    relay_factory: RelayFactory,
+) -> RelayWith:
+    """`relay_with(**{"section.key": value})`: a daemon in front of the fakes, with overrides."""
+
+    def start(**overrides: Any) -> RelayProcess:
+        return relay_factory(exchange_config(tmp_path, pki, entra, exchange, **overrides))
+
+    return start
+
+
 @pytest.fixture
 def exchange_relay(
     tmp_path: Path,

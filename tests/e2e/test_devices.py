@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAILBOX, RelayFactory, exchange_config
-from tests.fakes.entra import FakeEntra
+from tests.conftest import MAILBOX, RelayWith
 from tests.fakes.exchange import FakeExchange
-from tests.fakes.pki import TestPKI
 from tests.relayproc import RelayProcess, queue_id_of, strip_trace
 
 DEVICES = Path(__file__).resolve().parents[1] / "fixtures" / "devices"
@@ -52,13 +50,10 @@ def replay(relay: RelayProcess, name: str) -> str:
 
 @pytest.mark.timeout(180)
 def test_every_device_sample_is_delivered_clean(
-    tmp_path: Path,
-    pki: TestPKI,
-    entra: FakeEntra,
+    relay_with: RelayWith,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
-    relay = relay_factory(exchange_config(tmp_path, pki, entra, exchange))
+    relay = relay_with()
     names = sorted(ENVELOPES)
     assert len(names) == 17
     sent = {replay(relay, name): name for name in names}
@@ -135,23 +130,12 @@ def test_a_copier_sending_as_its_own_address_is_delivered_as_the_mailbox(
 
 
 def test_a_permitted_sender_with_from_header_keep_arrives_byte_for_byte(
-    tmp_path: Path,
-    pki: TestPKI,
-    entra: FakeEntra,
+    relay_with: RelayWith,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
     """GLPI (sample 08, well formed) sending as a permitted address with from_header = keep:
     what Exchange receives is exactly what GLPI sent, under the relay's Received: line."""
-    relay = relay_factory(
-        exchange_config(
-            tmp_path,
-            pki,
-            entra,
-            exchange,
-            **{"upstream.from_header": "keep", "upstream.send_as": ["@contoso.com"]},
-        )
-    )
+    relay = relay_with(**{"upstream.from_header": "keep", "upstream.send_as": ["@contoso.com"]})
     exchange.add_mailbox(MAILBOX, send_as=["glpi@contoso.com", "helpdesk@contoso.com"])
     name = "08_glpi10_ticket_followup_sender_header.eml"
     queue_id = replay(relay, name)

@@ -7,7 +7,7 @@ import email.policy
 import re
 from pathlib import Path
 
-from tests.conftest import CLIENT_ID, MAILBOX, RelayFactory, exchange_config
+from tests.conftest import CLIENT_ID, MAILBOX, RelayFactory, RelayWith, exchange_config
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.pki import TestPKI
@@ -125,11 +125,10 @@ def _deliver_once(relay: RelayProcess, exchange: FakeExchange, data: bytes = MES
 
 
 def test_expired_token_is_refreshed_once_and_message_retried(
+    relay_with: RelayWith,
     tmp_path: Path,
-    pki: TestPKI,
     entra: FakeEntra,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
     """Exchange refuses the first token as expired (535 5.7.3): the relay drops it from MSAL's
     cache, defers the message, and the next attempt uses a fresh token."""
@@ -142,7 +141,7 @@ def test_expired_token_is_refreshed_once_and_message_retried(
         return entra.validate_access_token(token)
 
     exchange._validate_token = validate  # the fake takes its validator at construction
-    relay = relay_factory(exchange_config(tmp_path, pki, entra, exchange))
+    relay = relay_with()
     queue_id = _deliver_once(relay, exchange)
     relay.wait_for_log(r"upstream default paused .*535 5\.7\.3")
     [received] = exchange.wait_for_messages(1, timeout=20)
@@ -324,15 +323,11 @@ def test_many_messages_share_one_authenticated_session(
 
 
 def test_on_ambiguous_hold_keeps_the_message_for_review_instead_of_resending(
+    relay_with: RelayWith,
     tmp_path: Path,
-    pki: TestPKI,
-    entra: FakeEntra,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
-    relay = relay_factory(
-        exchange_config(tmp_path, pki, entra, exchange, **{"delivery.on_ambiguous": "hold"})
-    )
+    relay = relay_with(**{"delivery.on_ambiguous": "hold"})
     exchange.drop_after_eod(delivered=True)
     queue_id = _deliver_once(relay, exchange)
     spool = tmp_path / "spool"
@@ -352,15 +347,10 @@ def test_on_ambiguous_hold_keeps_the_message_for_review_instead_of_resending(
 
 
 def test_a_delay_notice_goes_out_once_after_warn_after(
-    tmp_path: Path,
-    pki: TestPKI,
-    entra: FakeEntra,
+    relay_with: RelayWith,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
-    relay = relay_factory(
-        exchange_config(tmp_path, pki, entra, exchange, **{"delivery.warn_after": "0.5s"})
-    )
+    relay = relay_with(**{"delivery.warn_after": "0.5s"})
     exchange.inject(
         "eod", "451 4.4.0 STOREDRV.Submission.Exception:StorageTransientException", times=5
     )

@@ -6,14 +6,11 @@ from __future__ import annotations
 import smtplib
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAILBOX, RelayFactory, exchange_config
-from tests.fakes.entra import FakeEntra
+from tests.conftest import MAILBOX, RelayWith
 from tests.fakes.exchange import FakeExchange
-from tests.fakes.pki import TestPKI
 from tests.relayproc import RelayProcess
 
 CLIENTS = 20
@@ -49,24 +46,13 @@ def burst(relay: RelayProcess, total: int) -> float:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_burst_of_2000_from_20_clients_drains_at_the_scaled_limit_without_throttling(
-    tmp_path: Path,
-    pki: TestPKI,
-    entra: FakeEntra,
+    relay_with: RelayWith,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
     """The limit and the relay's budget scaled together (6000/min) to keep the test short."""
     exchange.messages_per_minute = 6000
     exchange.max_concurrent_per_mailbox = 3
-    relay = relay_factory(
-        exchange_config(
-            tmp_path,
-            pki,
-            entra,
-            exchange,
-            **{"upstream.messages_per_minute": 6000, "log.level": "info"},
-        )
-    )
+    relay = relay_with(**{"upstream.messages_per_minute": 6000, "log.level": "info"})
     accept_seconds = burst(relay, 2000)
     delivered = exchange.wait_for_messages(2000, timeout=240)
     assert len({m.message_id_reply for m in delivered}) == 2000
@@ -80,16 +66,11 @@ def test_burst_of_2000_from_20_clients_drains_at_the_scaled_limit_without_thrott
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_real_default_of_30_a_minute_drains_45_in_about_90_seconds(
-    tmp_path: Path,
-    pki: TestPKI,
-    entra: FakeEntra,
+    relay_with: RelayWith,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
     exchange.messages_per_minute = 30
-    relay = relay_factory(
-        exchange_config(tmp_path, pki, entra, exchange, **{"upstream.messages_per_minute": None})
-    )
+    relay = relay_with(**{"upstream.messages_per_minute": None})
     started = time.monotonic()
     submit_batch(relay, range(45))
     assert time.monotonic() - started < 10

@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MAILBOX, RelayFactory, exchange_config
-from tests.fakes.entra import FakeEntra
+from tests.conftest import MAILBOX, RelayWith
 from tests.fakes.exchange import FakeExchange
-from tests.fakes.pki import TestPKI
 from tests.relayproc import RelayProcess, queue_id_of, spool_state, wait_until
 
 
@@ -41,24 +39,16 @@ def listing(relay: RelayProcess, *args: str) -> list[dict[str, Any]]:
 
 
 def test_hold_release_retry_delete_on_a_live_daemon(
+    relay_with: RelayWith,
     tmp_path: Path,
-    pki: TestPKI,
-    entra: FakeEntra,
     exchange: FakeExchange,
-    relay_factory: RelayFactory,
 ) -> None:
-    relay = relay_factory(
-        exchange_config(
-            tmp_path,
-            pki,
-            entra,
-            exchange,
-            **{
-                "delivery.retry_initial": "1h",
-                "delivery.retry_max": "1h",
-                "delivery.rescan": "0.3s",
-            },
-        )
+    relay = relay_with(
+        **{
+            "delivery.retry_initial": "1h",
+            "delivery.retry_max": "1h",
+            "delivery.rescan": "0.3s",
+        }
     )
     exchange.inject(
         "eod", "451 4.4.0 STOREDRV.Submission.Exception:StorageTransientException", times=4
