@@ -11,13 +11,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay import __version__, queuetool, sendtest
+from relay import __version__, doctor, queuetool, sendtest
 from relay.config import Settings, load_settings, parse_host_port, render
 from relay.errors import ConfigError, RelayError
 from relay.logs import setup_logging
@@ -58,7 +59,30 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--from", dest="sender", help="sender (default: the upstream mailbox)")
     test.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
     test.add_argument("--server", help="host:port of the relay (default: its first listener)")
+    _doctor_parser(commands)
     return parser
+
+
+def _doctor_parser(commands: Any) -> None:
+    text = (
+        "check the set-up step by step (config, spool, DNS, TCP, TLS, token, claims, AUTH, "
+        "send-as) and stop at the first broken step with its fix"
+    )
+    check = commands.add_parser("doctor", help=text, description=text)
+    check.add_argument("config_path", nargs="?", type=Path, help="config file (same as --config)")
+    check.add_argument("--config", type=Path, help="TOML config file (default: $RELAY_CONFIG)")
+    check.add_argument("--upstream", help="check only this upstream (default: all)")
+    check.add_argument(
+        "--send-to",
+        metavar="ADDRESS",
+        help="then send a real test message to ADDRESS through the running relay",
+    )
+    check.add_argument("--from", dest="sender", help="sender of that message (the mailbox)")
+    check.add_argument("--timeout", type=float, default=20.0, help="seconds per step (20)")
+    check.add_argument(
+        "--wait", type=float, default=120.0, help="seconds to wait for the test message (120)"
+    )
+    check.add_argument("--json", action="store_true", help="print the steps as JSON at the end")
 
 
 QUEUE_VERBS = {
@@ -108,14 +132,17 @@ def check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def serve(args: argparse.Namespace) -> int:
-    settings = _load(args)
-    secrets = [
+def _secrets(settings: Settings) -> list[str]:
+    return [
         upstream.oauth.client_secret.get_secret_value()
         for upstream in settings.all_upstreams().values()
         if upstream.oauth.client_secret is not None
     ]
-    setup_logging(settings.log.level, settings.log.format, secrets)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    setup_logging(settings.log.level, settings.log.format, _secrets(settings))
     from relay import daemon  # noqa: PLC0415 - check-config needs none of the runtime
 
     asyncio.run(daemon.run(settings))
@@ -198,6 +225,51 @@ def send_test(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.delivered else EXIT_ERROR
 
 
+def run_doctor(args: argparse.Namespace) -> int:
+    path = args.config or args.config_path
+    source = str(path or os.environ.get("RELAY_CONFIG") or "the environment")
+    emit = (lambda step: None) if args.json else _print_step
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        step = doctor.config_failed(source, exc.problems)
+        emit(step)
+        _finish_doctor([step], args.json)
+        return EXIT_CONFIG
+    if args.upstream is not None and args.upstream not in settings.all_upstreams():
+        names = ", ".join(settings.all_upstreams())
+        raise ConfigError([("--upstream", f"no upstream {args.upstream!r} (there are: {names})")])
+    setup_logging("error", "text", _secrets(settings))
+    options = doctor.Options(
+        timeout=args.timeout,
+        upstream=args.upstream,
+        send_to=args.send_to,
+        sender=args.sender,
+        wait=args.wait,
+    )
+    steps = doctor.run(settings, source, options, emit)
+    _finish_doctor(steps, args.json)
+    return EXIT_ERROR if any(step.status == "FAIL" for step in steps) else EXIT_OK
+
+
+def _print_step(step: doctor.Step) -> None:
+    mark = {"ok": " ok ", "warn": "warn", "FAIL": "FAIL"}[step.status]
+    print(f"[{mark}] {step.scope:<10} {step.name:<8} {step.detail}", flush=True)
+    if step.fix:
+        print(f"{'':>27}fix: {step.fix}", flush=True)
+
+
+def _finish_doctor(steps: list[doctor.Step], as_json: bool) -> None:
+    if as_json:
+        _print_json([step.as_json() for step in steps])
+        return
+    failed = [f"{step.scope}: {step.name}" for step in steps if step.status == "FAIL"]
+    if failed:
+        print(f"doctor: stopped at {', '.join(failed)}. Fix it and run doctor again.")
+    else:
+        print("doctor: every check passed.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -205,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": check_config,
         "queue": queue,
         "send-test": send_test,
+        "doctor": run_doctor,
     }
     try:
         return handlers[args.command](args)

@@ -110,3 +110,16 @@ def remove_stop_handlers(loop: asyncio.AbstractEventLoop) -> None:
         if signum is not None:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signum)
+
+
+def owner_name(path: Path) -> str:
+    """The name of the user that owns `path` ("" where ownership is not POSIX)."""
+    if not IS_POSIX:
+        return ""
+    import pwd  # noqa: PLC0415 - POSIX only
+
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

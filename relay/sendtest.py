@@ -31,6 +31,7 @@ class Outcome:
     queue_id: str
     delivered: bool
     summary: str  # one line for the admin
+    reply: str = ""  # the upstream's reply that decided (or last deferred) it
 
 
 def relay_address(settings: Settings) -> tuple[str, int]:
@@ -88,17 +89,19 @@ def follow(settings: Settings, queue_id: str, timeout: float) -> Outcome:
         if state is None:
             return Outcome(queue_id, True, "delivered: the upstream accepted it")
         if state in (State.FAILED, State.HOLD, State.CORRUPT) or time.monotonic() > deadline:
-            return Outcome(queue_id, False, _describe(spool, state, queue_id))
+            return _undelivered(spool, state, queue_id)
         time.sleep(POLL_SECONDS)
 
 
-def _describe(spool: Spool, state: State, queue_id: str) -> str:
+def _undelivered(spool: Spool, state: State, queue_id: str) -> Outcome:
     try:
         entry = spool.load(state, queue_id)
     except (OSError, RelayError):
-        return f"{state.value}: (metadata unreadable)"
-    reply = entry.history[-1].reply if entry.history else "no attempt yet"
+        return Outcome(queue_id, False, f"{state.value}: (metadata unreadable)")
+    last = entry.history[-1].reply if entry.history else ""
     if state is State.FAILED:
         replies = "; ".join(f"{r.address}: {r.reply}" for r in entry.recipients)
-        return f"failed: {replies}"
-    return f"still {state.value} after the wait; last reply: {reply}"
+        refused = next((r.reply for r in entry.recipients if r.reply), last)
+        return Outcome(queue_id, False, f"failed: {replies}", refused)
+    summary = f"still {state.value} after the wait; last reply: {last or 'no attempt yet'}"
+    return Outcome(queue_id, False, summary, last)

@@ -7,7 +7,9 @@ initial response or in two steps) and enforces what Exchange enforces: TLS 1.2
 or newer, no AUTH before STARTTLS, no MAIL before AUTH, a token that the
 injected ``validate_token`` accepts and that carries the ``SMTP.SendAsApp``
 role, an existing mailbox with SMTP AUTH enabled for it and for the tenant,
-Send As on the envelope sender and every ``From:`` address, no bare line feeds,
+Send As on the envelope sender and every ``From:`` address (after the body, as
+the service does today; ``send_as_checked_at = "mail"`` models the older
+``550 5.7.60`` at MAIL FROM), no bare line feeds,
 the SIZE limit and (when switched on) the per-mailbox rate, concurrency and
 recipient limits. Every reply uses Exchange's own text where
 ``/work/shared/design/exchange-online.md`` (section 3) gives one; texts marked
@@ -94,6 +96,7 @@ __all__ = [
     "RATE_LIMITED",
     "RECIPIENT_OK",
     "SENDER_OK",
+    "SEND_AS_DENIED_AT_MAIL",
     "SEND_AS_ROLE",
     "SIZE_EXCEEDED",
     "SIZE_LIMIT",
@@ -171,6 +174,9 @@ HELP_REPLY = (
 
 # aiosmtpd built-in replies that still reach the wire through reused aiosmtpd code.
 _AIOSMTPD_REWRITES = {"220 Ready to start TLS": STARTTLS_READY}
+
+
+SEND_AS_DENIED_AT_MAIL = "550 5.7.60 SMTP; Client does not have permissions to send as this sender"
 
 
 def send_as_denied(mailbox: str, address: str) -> str:
@@ -449,6 +455,9 @@ class FakeExchange:
         self.tenant_smtp_auth_enabled = True
         self.require_role = True  # False models App RBAC (no roles claim needed)
         self.check_header_from = True
+        # Where Send As is checked: "eod" (current service: after the body, 554 5.2.252) or
+        # "mail" (older variant: 550 5.7.60 at MAIL FROM, envelope sender only).
+        self.send_as_checked_at = "eod"
         # Behaviour options (section 3.1/3.2 of the facts file).
         self.close_after_auth_failure = False
         self.xoauth2_error_challenge = False  # Gmail-style 334 <b64 JSON> before the 535
@@ -773,13 +782,15 @@ class FakeExchange:
             self._open_transactions[mailbox.lower()] -= 1
             self._cond.notify_all()
 
-    def _send_as_violation(self, mailbox: str, mail_from: str, data: bytes) -> str | None:
+    def _send_as_violation(
+        self, mailbox: str, mail_from: str, data: bytes, *, with_headers: bool = True
+    ) -> str | None:
         """The first sender address ``mailbox`` may not send as, or None."""
         with self._cond:
             record = self._mailboxes.get(mailbox.lower())
         allowed = {mailbox.lower()} | (record.send_as if record is not None else frozenset())
         candidates = [mail_from]
-        if self.check_header_from:
+        if self.check_header_from and with_headers:
             candidates += _header_from_addresses(data)
         return next((address for address in candidates if address.lower() not in allowed), None)
 
@@ -1109,6 +1120,10 @@ class _ExchangeSession(SMTP):
             raise _Reject(INVALID_SENDER)
         if int(params.get("SIZE") or 0) > self._fake.max_message_size:
             raise _Reject(SIZE_EXCEEDED)
+        if address and self._fake.send_as_checked_at == "mail" and self._fake._send_as_violation(
+            mailbox, address, b"", with_headers=False
+        ):
+            raise _Reject(SEND_AS_DENIED_AT_MAIL)
         self._fake._admit_transaction(mailbox, self.session_id)
         self._txn = _Transaction(mailbox, address, options, smtputf8)
         await self.push(SENDER_OK)
