@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from relay import __version__, doctor, queuetool, sendtest
+from relay import __version__, doctor, localauth, queuetool, sendtest
 from relay.config import Settings, load_settings, parse_host_port, render
 from relay.errors import ConfigError, RelayError
 from relay.logs import setup_logging
@@ -60,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     test.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
     test.add_argument("--server", help="host:port of the relay (default: its first listener)")
     _doctor_parser(commands)
+    hashing = commands.add_parser(
+        "hash-password",
+        help="hash a password for a [[user]] (local SMTP AUTH)",
+        description="Read a password (twice from a terminal, once from a pipe) and print the "
+        "password_hash to put in a [[user]] table.",
+    )
+    hashing.set_defaults(config=None)
     return parser
 
 
@@ -270,6 +278,21 @@ def _finish_doctor(steps: list[doctor.Step], as_json: bool) -> None:
         print("doctor: every check passed.")
 
 
+def hash_password_command(args: argparse.Namespace) -> int:
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("oauth-relay: the passwords differ", file=sys.stderr)
+            return EXIT_ERROR
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("oauth-relay: empty password", file=sys.stderr)
+        return EXIT_ERROR
+    print(localauth.hash_password(password))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -278,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "queue": queue,
         "send-test": send_test,
         "doctor": run_doctor,
+        "hash-password": hash_password_command,
     }
     try:
         return handlers[args.command](args)

@@ -27,6 +27,7 @@ from pydantic import (
     PlainSerializer,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,6 +41,7 @@ from pydantic_settings import (
 
 from relay.dsn import usable_address
 from relay.errors import ConfigError
+from relay.localauth import check_hash_format
 from relay.sender import SenderPolicy
 
 # --- value types -------------------------------------------------------------------------------
@@ -163,12 +165,28 @@ class _Section(BaseModel):
 # --- sections ----------------------------------------------------------------------------------
 
 
+NOTHING_ALLOWED = (
+    "no client network is allowed: list the devices' networks, "
+    'e.g. allow = ["192.168.1.0/24", "127.0.0.1/32"]'
+)
+
+
 class SmtpSettings(_Section):
     listen: list[HostPort] = Field(default_factory=lambda: ["127.0.0.1:2525"])
     allow: list[str] = Field(default_factory=list, validate_default=True)
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
     max_message_size: int = Field(default=36_700_160, ge=1024)
     max_recipients: int = Field(default=500, ge=1, le=100_000)
+    # Limits, per the whole daemon unless named per client or session.
+    max_sessions: int = Field(default=200, ge=1, le=100_000)
+    max_sessions_per_client: int = Field(default=20, ge=1, le=100_000)
+    command_timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
+    data_timeout: Duration = 180.0  # silence allowed inside DATA (RFC 5321 4.5.3.2.5)
+    max_command_length: int = Field(default=2048, ge=512, le=65_536)
+    max_header_size: int = Field(default=1_048_576, ge=1024)
+    max_messages_per_session: int = Field(default=1000, ge=1)
+    max_errors_per_session: int = Field(default=20, ge=1, le=10_000)
+    i_understand_open_relay: bool = False  # for the [smtp] listen entries
 
     @field_validator("hostname")
     @classmethod
@@ -177,21 +195,11 @@ class SmtpSettings(_Section):
             raise ValueError(f"{value!r} is not a host name (letters, digits, dots, hyphens)")
         return value
 
-    @field_validator("listen")
-    @classmethod
-    def _listen_not_empty(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("at least one listen address is needed, e.g. '0.0.0.0:25'")
-        return value
-
     @field_validator("allow")
     @classmethod
-    def _allow_fails_closed(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError(
-                "no client network is allowed: list the devices' networks, "
-                'e.g. allow = ["192.168.1.0/24", "127.0.0.1/32"]'
-            )
+    def _allow_fails_closed(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value and info.data.get("listen") != []:  # only [[listener]]s may do without
+            raise ValueError(NOTHING_ALLOWED)
         return [str(parse_network(v)) for v in value]
 
     def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -199,6 +207,150 @@ class SmtpSettings(_Section):
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         return [parse_host_port(v) for v in self.listen]
+
+
+TlsMode = Literal["none", "starttls", "implicit"]
+AuthMode = Literal["none", "accept-any", "users"]
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+
+
+def _address_or_domain(value: list[str]) -> list[str]:
+    for item in value:
+        if not re.fullmatch(r"([^@\s<>]+@|@)[^@\s<>]+\.[^@\s<>]+", item.strip()):
+            raise ValueError(
+                f"{item!r} is neither an address (erp@contoso.com) nor an @domain (@contoso.com)"
+            )
+    return [item.strip().lower() for item in value]
+
+
+def _domains(value: list[str]) -> list[str]:
+    for item in value:
+        if not re.fullmatch(
+            r"@?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.[A-Za-z]{2,}", item.strip()
+        ):
+            raise ValueError(f"{item!r} is not a domain (contoso.com)")
+    return [item.strip().lower().lstrip("@") for item in value]
+
+
+def is_loopback_host(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def covers_everything(networks: list[str]) -> bool:
+    """The networks together cover every IPv4 address or every IPv6 address."""
+    parsed = [parse_network(n) for n in networks]
+    v4 = [n for n in parsed if isinstance(n, ipaddress.IPv4Network)]
+    v6 = [n for n in parsed if isinstance(n, ipaddress.IPv6Network)]
+    return (
+        sum(n.num_addresses for n in ipaddress.collapse_addresses(v4)) == 2**32
+        or sum(n.num_addresses for n in ipaddress.collapse_addresses(v6)) == 2**128
+    )
+
+
+class ListenerSettings(_Section):
+    """One [[listener]]: an address with its own TLS, AUTH and sender/recipient policy."""
+
+    address: HostPort
+    name: str = ""  # how routes and logs name it; the address when empty
+    tls: TlsMode = "none"
+    tls_cert_file: OptionalFile = None  # PEM; may also hold the key
+    tls_key_file: OptionalFile = None
+    tls_min_version: Literal["1.0", "1.1", "1.2", "1.3"] = "1.2"
+    legacy_tls: bool = False  # must be true for TLS 1.0/1.1 (old printers)
+    require_tls: bool = False
+    allow: list[str] = Field(default_factory=list)  # empty: [smtp] allow
+    auth: AuthMode = "none"
+    require_auth: bool = False
+    auth_without_tls: bool = False  # loopback listeners only
+    auth_relay_anywhere: bool = False  # users may send from outside `allow`
+    recipient_domains: list[str] = Field(default_factory=list)  # empty: any
+    senders: list[str] = Field(default_factory=list)  # empty: any
+    i_understand_open_relay: bool = False
+
+    _senders = field_validator("senders")(_address_or_domain)
+    _recipient_domains = field_validator("recipient_domains")(_domains)
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [str(parse_network(v)) for v in value]
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", value):
+            raise ValueError(f"{value!r}: listener names are lower-case letters, digits, - and _")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ListenerSettings:
+        problems = self.problems()
+        if problems:
+            raise PydanticCustomError(
+                "field_problems", "the listener is inconsistent", {"problems": problems}
+            )
+        return self
+
+    def problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if self.tls != "none" and self.tls_cert_file is None:
+            problems.append(("tls_cert_file", f"tls = {self.tls!r} needs a certificate (PEM)"))
+        if self.tls == "none" and self.require_tls:
+            problems.append(("require_tls", 'needs tls = "starttls" or "implicit"'))
+        if TLS_VERSIONS.index(self.tls_min_version) < 2 and not self.legacy_tls:
+            problems.append(
+                (
+                    "tls_min_version",
+                    "TLS 1.0 and 1.1 are broken: allow them only on a listener for old "
+                    "printers, with legacy_tls = true",
+                )
+            )
+        if self.auth == "none" and (self.require_auth or self.auth_relay_anywhere):
+            problems.append(("auth", 'require_auth and auth_relay_anywhere need auth = "users"'))
+        if self.auth != "users" and self.auth_relay_anywhere:
+            problems.append(("auth_relay_anywhere", 'needs auth = "users" (with passwords)'))
+        if self.auth_without_tls and not is_loopback_host(parse_host_port(self.address)[0]):
+            problems.append(
+                (
+                    "auth_without_tls",
+                    "passwords in clear text are allowed on loopback listeners only",
+                )
+            )
+        return problems
+
+    @property
+    def label(self) -> str:
+        return self.name or self.address
+
+
+class UserSettings(_Section):
+    """One [[user]] for local SMTP AUTH on listeners with auth = "users"."""
+
+    name: str = Field(min_length=1, max_length=64)
+    password_hash: SecretStr
+    senders: list[str] = Field(min_length=1)
+
+    _senders = field_validator("senders")(_address_or_domain)
+
+    @field_validator("name")
+    @classmethod
+    def _login(cls, value: str) -> str:
+        if not re.fullmatch(r"[^\s:]+", value):
+            raise ValueError(f"{value!r}: a user name has no spaces or colons")
+        return value
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, value: SecretStr) -> SecretStr:
+        problem = check_hash_format(value.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class SpoolSettings(_Section):
@@ -419,7 +571,7 @@ class RouteSettings(_Section):
 
     sender: list[str] = Field(default_factory=list)  # addresses or @domains
     client: list[str] = Field(default_factory=list)  # client networks
-    listener: list[HostPort] = Field(default_factory=list)  # as written in [smtp] listen
+    listener: list[str] = Field(default_factory=list)  # a [smtp] listen entry or listener name
     upstream: str = Field(min_length=1)
 
     @field_validator("sender")
@@ -453,6 +605,8 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     upstreams: dict[str, UpstreamSettings] = Field(default_factory=dict)
     route: list[RouteSettings] = Field(default_factory=list)
+    listener: list[ListenerSettings] = Field(default_factory=list)
+    user: list[UserSettings] = Field(default_factory=list)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -471,7 +625,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _routes_point_somewhere(self) -> Settings:
         known = {DEFAULT_UPSTREAM, *self.upstreams}
-        listeners = set(self.smtp.listen)
+        listeners = {listener.label for listener in self.listeners()}
         problems = []
         for number, rule in enumerate(self.route):
             if rule.upstream not in known:
@@ -482,7 +636,7 @@ class Settings(BaseSettings):
                     )
                 )
             problems.extend(
-                (f"route.{number}.listener", f"{listener!r} is not in [smtp] listen")
+                (f"route.{number}.listener", f"no listener {listener!r}: {sorted(listeners)}")
                 for listener in rule.listener
                 if listener not in listeners
             )
@@ -511,9 +665,93 @@ class Settings(BaseSettings):
             raise PydanticCustomError("field_problems", "mailboxes repeat", {"problems": problems})
         return self
 
+    @model_validator(mode="after")
+    def _listeners_are_safe(self) -> Settings:
+        problems = listener_problems(self.listeners(), self.listener, self.user)
+        if problems:
+            raise PydanticCustomError(
+                "field_problems", "listeners are invalid", {"problems": problems}
+            )
+        return self
+
+    def listeners(self) -> list[ListenerSettings]:
+        """Every listener: the [smtp] listen entries (plain, [smtp] allow), then [[listener]]s
+        (their own allow, or [smtp] allow)."""
+        plain = [
+            ListenerSettings(
+                address=address,
+                allow=self.smtp.allow,
+                i_understand_open_relay=self.smtp.i_understand_open_relay,
+            )
+            for address in self.smtp.listen
+        ]
+        explicit = [
+            listener if listener.allow else listener.model_copy(update={"allow": self.smtp.allow})
+            for listener in self.listener
+        ]
+        return plain + explicit
+
     def all_upstreams(self) -> dict[str, UpstreamSettings]:
         """[upstream] as "default", then the named [upstreams.*]."""
         return {DEFAULT_UPSTREAM: self.upstream, **self.upstreams}
+
+
+def listener_problems(
+    listeners: list[ListenerSettings],
+    declared: list[ListenerSettings],
+    users: list[UserSettings],
+) -> list[tuple[str, str]]:
+    """Problems across listeners and users: none at all, repeated names or addresses, AUTH
+    without users, and the open-relay guard."""
+    if not listeners:
+        return [("smtp.listen", "no listener: set [smtp] listen or add a [[listener]]")]
+    problems: list[tuple[str, str]] = []
+    first = len(listeners) - len(declared)
+    key = {
+        index: ("smtp.listen" if index < first else f"listener.{index - first}")
+        for index in range(len(listeners))
+    }
+    seen_labels: set[str] = set()
+    seen_addresses: set[str] = set()
+    for index, listener in enumerate(listeners):
+        ephemeral = parse_host_port(listener.address)[1] == 0  # tests: each gets its own port
+        if listener.label in seen_labels or (listener.address in seen_addresses and not ephemeral):
+            problems.append((key[index], f"{listener.label} is listed twice"))
+        if listener.name or not ephemeral:
+            seen_labels.add(listener.label)
+        seen_addresses.add(listener.address)
+        if not listener.allow and not listener.auth_relay_anywhere:
+            problems.append((f"{key[index]}.allow", NOTHING_ALLOWED))
+        if listener.auth == "users" and not users:
+            problems.append((f"{key[index]}.auth", 'auth = "users" needs at least one [[user]]'))
+        if open_relay(listener):
+            problems.append(
+                (
+                    key[index],
+                    f"{listener.address} would be an open relay: it listens beyond this "
+                    f"machine, allows {', '.join(listener.allow)} and requires no AUTH. Narrow "
+                    "allow to your networks, or set i_understand_open_relay = true",
+                )
+            )
+    names = [user.name for user in users]
+    problems.extend(
+        (f"user.{index}.name", f"{name!r} is listed twice")
+        for index, name in enumerate(names)
+        if name in names[:index]
+    )
+    return list(dict.fromkeys(problems))
+
+
+def open_relay(listener: ListenerSettings) -> bool:
+    """Anyone on the internet could send through it (and it was not said on purpose)."""
+    host = parse_host_port(listener.address)[0]
+    authenticated = listener.auth == "users" and listener.require_auth
+    return (
+        not is_loopback_host(host)
+        and covers_everything(listener.allow)
+        and not authenticated
+        and not listener.i_understand_open_relay
+    )
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -25,13 +25,21 @@ from relay.config import (
     parse_network,
 )
 from relay.delivery import Delivery, requeue_active
-from relay.ingress import Ingress, IngressLimits, RelayHandler
+from relay.errors import ConfigError
+from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler
+from relay.localauth import LocalUser
 from relay.metrics import Metrics, MetricsServer
 from relay.model import QueueEntry
-from relay.osutil import install_stop_handlers, remove_stop_handlers
+from relay.osutil import (
+    install_reload_handler,
+    install_stop_handlers,
+    remove_reload_handler,
+    remove_stop_handlers,
+)
 from relay.pacing import Budget, Pacer
 from relay.policy import RouteRule, choose_upstream
 from relay.sender import SenderPolicy
+from relay.servertls import TlsConfigError
 from relay.spool import Spool
 from relay.tokens import MsalTokenProvider
 from relay.upstream import (
@@ -237,11 +245,10 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
     delivery = Deliveries(settings, spool, metrics)
     queued = await delivery.load_queue()
     smtp = settings.smtp
-    limits = IngressLimits(
-        smtp.hostname, smtp.networks(), smtp.max_message_size, smtp.max_recipients
-    )
+    limits = IngressLimits.from_settings(smtp)
     handler = RelayHandler(spool, limits, metrics, delivery.enqueue, route=router(settings))
     ingress = Ingress(handler, limits)
+    listeners = build_listeners(settings)
 
     metrics.sessions.set_function(lambda: len(ingress.sessions))
 
@@ -260,7 +267,7 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         host, port = parse_host_port(settings.metrics.listen)
         running.metrics_port = await metrics_server.start(host, port)
     try:
-        await ingress.start(smtp.listen_addresses(), smtp.listen)
+        await ingress.start(listeners)
         delivery.start()
         running.smtp = list(ingress.bound)
         log.info(
@@ -271,6 +278,7 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
             queued,
             time.monotonic() - started,
         )
+        install_reload_handler(asyncio.get_running_loop(), lambda: reload(ingress))
         running.ready.set()
         await stop.wait()
         grace = settings.server.shutdown_grace
@@ -278,9 +286,36 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
         # one deadline for both: sessions finish their transactions while deliveries finish
         await asyncio.gather(ingress.drain(grace), delivery.stop(grace))
     finally:
+        remove_reload_handler(asyncio.get_running_loop())
         ingress.stop_accepting()
         await metrics_server.stop()
     log.info("stopped")
+
+
+def reload(ingress: Ingress) -> None:
+    """SIGHUP: load the listeners' certificates again (the queue and sessions are untouched)."""
+    log.info("SIGHUP received: reloading TLS certificates")
+    ingress.reload_tls()
+
+
+def local_users(settings: Settings) -> dict[str, LocalUser]:
+    return {
+        user.name: LocalUser(user.name, user.password_hash.get_secret_value(), tuple(user.senders))
+        for user in settings.user
+    }
+
+
+def build_listeners(settings: Settings) -> list[Listener]:
+    """The listeners with their TLS contexts loaded; an unusable certificate is a
+    configuration error (exit 2), found before anything listens."""
+    users = local_users(settings)
+    listeners = []
+    for listener in settings.listeners():
+        try:
+            listeners.append(Listener.build(listener, users))
+        except TlsConfigError as exc:
+            raise ConfigError([(f"listener {listener.label}", str(exc))]) from None
+    return listeners
 
 
 def notice_sender(upstream: UpstreamSettings, hostname: str) -> str:

@@ -1,33 +1,50 @@
-"""SMTP ingress: accept mail from allowlisted clients and answer 250 only once it is spooled.
+"""SMTP ingress: accept mail from allowed clients and answer 250 only once it is spooled.
 
-One job: the aiosmtpd side of the relay, running on the daemon's own event loop. A client
-outside the allowlist gets `554 5.7.1` instead of a greeting and the connection is closed, so no
-command is ever accepted from it. The recipient limit is enforced at RCPT; the size limit at
-MAIL (SIZE=) and on the received body, while aiosmtpd stops storing past a hard cap. A message
-is acknowledged only after `Spool.commit` has made it durable; any failure on the way answers
-`451 4.3.0` with no internal detail, and the detail is logged with the queue id. The spool
-commit runs in a worker thread.
+One job: the aiosmtpd side of the relay, on the daemon's own event loop. Each listener has its
+allowlist, TLS mode (none, STARTTLS, implicit), optional local AUTH and sender/recipient-domain
+policy. A client outside the allowlist gets `554 5.7.1` instead of a greeting and no command is
+ever accepted from it (unless the listener lets users log in from anywhere: then MAIL needs
+AUTH). Limits: sessions overall and per client (421 at connect), command and DATA timeouts,
+command line length, recipients per message (452 at RCPT), messages per session, 5xx replies
+per session (then 421 and close), message size at MAIL (SIZE=) and while receiving, header
+size. A message is acknowledged only after `Spool.commit` has made it durable; any failure on
+the way answers `451 4.3.0` with no internal detail, and the detail is logged with the queue
+id. Passwords are checked in worker threads, two at a time; failed logins are throttled per
+client address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
+import ssl
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import formatdate
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay import replies
+from relay.config import ListenerSettings, SmtpSettings, parse_host_port
+from relay.localauth import AuthThrottle, LocalUser, authenticate, sender_allowed
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
 from relay.normalize import Normalized, normalize_message
-from relay.policy import Network, peer_allowed, recipient_limit_reached
+from relay.policy import (
+    Network,
+    address_matches,
+    header_too_large,
+    parse_network_list,
+    peer_allowed,
+    recipient_domain_allowed,
+    recipient_limit_reached,
+)
+from relay.servertls import TlsConfigError, load_certificate, server_context
 from relay.smtpdata import DataAborted, DataReader
 from relay.spool import Spool, new_queue_id
 
@@ -38,14 +55,81 @@ COMMAND_TIMEOUT = 300.0
 REFUSED_COMMANDS = 5  # lines answered after a 554 greeting before the connection is closed
 REFUSED_WAIT = 5.0  # seconds to wait for each of them
 MAX_REFUSED_SESSIONS = 16  # beyond this many at once, a refused client is closed at once
+VERIFICATIONS = 2  # password checks at once: each takes ~32 MiB and ~0.1 s of a core
 
 
 @dataclass(frozen=True)
 class IngressLimits:
     hostname: str
-    networks: Sequence[Network]
+    networks: Sequence[Network]  # the default allowlist (listeners may have their own)
     max_message_size: int
     max_recipients: int
+    max_sessions: int = 200
+    max_sessions_per_client: int = 20
+    command_timeout: float = COMMAND_TIMEOUT
+    data_timeout: float = 180.0
+    max_command_length: int = 2048
+    max_header_size: int = 1_048_576
+    max_messages_per_session: int = 1000
+    max_errors_per_session: int = 20
+
+    @classmethod
+    def from_settings(cls, smtp: SmtpSettings) -> IngressLimits:
+        return cls(
+            hostname=smtp.hostname,
+            networks=smtp.networks(),
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_sessions=smtp.max_sessions,
+            max_sessions_per_client=smtp.max_sessions_per_client,
+            command_timeout=smtp.command_timeout,
+            data_timeout=smtp.data_timeout,
+            max_command_length=smtp.max_command_length,
+            max_header_size=smtp.max_header_size,
+            max_messages_per_session=smtp.max_messages_per_session,
+            max_errors_per_session=smtp.max_errors_per_session,
+        )
+
+
+@dataclass
+class Listener:
+    """One listening address at run time: its settings, its allowlist, its live TLS context
+    (reloaded in place) and the users that may log in on it."""
+
+    settings: ListenerSettings
+    networks: tuple[Network, ...]
+    tls_context: ssl.SSLContext | None = None
+    users: Mapping[str, LocalUser] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, settings: ListenerSettings, users: Mapping[str, LocalUser] | None = None
+    ) -> Listener:
+        return cls(
+            settings,
+            parse_network_list(settings.allow),
+            server_context(settings),
+            users or {},
+        )
+
+    @classmethod
+    def plain(cls, address: str, networks: Sequence[Network]) -> Listener:
+        """A plain listener with the given allowlist (tests and the [smtp] listen entries)."""
+        settings = ListenerSettings(address=address, allow=[str(n) for n in networks])
+        return cls(settings, tuple(networks))
+
+    @property
+    def name(self) -> str:
+        return self.settings.label
+
+    @property
+    def implicit_tls(self) -> bool:
+        return self.settings.tls == "implicit"
+
+    def reload_tls(self) -> None:
+        """Load the certificate files again into the live context (SIGHUP)."""
+        if self.tls_context is not None:
+            load_certificate(self.tls_context, self.settings)
 
 
 def peer_host(peer: Any) -> str:
@@ -94,13 +178,6 @@ def declared_size(options: Sequence[str]) -> int:
     return 0
 
 
-def receive_cap(max_message_size: int) -> int:
-    """aiosmtpd's own hard limit while receiving. It counts dot-stuffed bytes on the wire
-    (RFC 1870 says they do not count), so it gets slack; the relay's exact limit is checked on
-    the unstuffed body, with the relay's own reply."""
-    return max_message_size + max_message_size // 2 + 65536
-
-
 def valid_utf8(address: str) -> bool:
     """aiosmtpd keeps undecodable bytes as surrogates; such an address cannot be relayed."""
     try:
@@ -112,6 +189,32 @@ def valid_utf8(address: str) -> bool:
 
 def unique(addresses: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(addresses))
+
+
+def with_protocol(*, extended: bool, utf8: bool, tls: bool, authenticated: bool) -> str:
+    """The `with` of the Received: line (RFC 3848, RFC 6531): SMTP, ESMTP, ESMTPS, ESMTPA,
+    ESMTPSA, or the UTF8SMTP forms."""
+    if not extended:
+        return "SMTP"
+    base = "UTF8SMTP" if utf8 else "ESMTP"
+    suffix = ("S" if tls else "") + ("A" if authenticated else "")
+    return base + suffix
+
+
+def session_summary(server: SMTP, session: Session) -> str:
+    """` listener=... tls=... user=...` for the acceptance log line (nothing on a plain,
+    anonymous [smtp] listen entry)."""
+    if not isinstance(server, RelaySMTP):
+        return ""
+    parts = []
+    if server.spec.settings.name:
+        parts.append(f"listener={server.listener}")
+    if server.tls_version:
+        parts.append(f"tls={server.tls_version}")
+    user = session.auth_data if session.authenticated else None
+    if user is not None:
+        parts.append(f"user={user.name if isinstance(user, LocalUser) else user}")
+    return "".join(" " + part for part in parts)
 
 
 class RelayHandler:
@@ -144,27 +247,86 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        offers_auth = isinstance(server, RelaySMTP) and server.offers_auth
+        greeting, *extensions = [
+            line
+            for line in responses[:-1]
+            if (offers_auth or not line.startswith("250-AUTH")) and not line.startswith("250-SIZE")
+        ]
         size = f"250-SIZE {self._limits.max_message_size}"
-        advertised = [size if line.startswith("250-SIZE") else line for line in responses[:-1]]
-        return [*advertised, "250-PIPELINING", responses[-1]]
+        return [greeting, size, *extensions, "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
+        refusal = self._session_refusal(server, session)
+        if refusal is not None:
+            return refusal
         if not valid_utf8(address):
             return str(replies.BAD_ADDRESS)
         if declared_size(options) > self._limits.max_message_size:
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.MESSAGE_TOO_BIG)
+        refusal = self._sender_refusal(server, session, address)
+        if refusal is not None:
+            self._metrics.received.labels(result="refused_policy").inc()
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(replies.SENDER_OK)
+
+    def _session_refusal(self, server: SMTP, session: Session) -> str | None:
+        """Why this session may not start a transaction now, as a reply; None if it may."""
+        if not isinstance(server, RelaySMTP):
+            return None
+        if server.messages >= self._limits.max_messages_per_session:
+            self._metrics.received.labels(result="refused_limit").inc()
+            server.close_after_reply()
+            return str(replies.TOO_MANY_MESSAGES)
+        if server.must_authenticate and not session.authenticated:
+            return str(replies.AUTH_REQUIRED)
+        return None
+
+    def _sender_refusal(self, server: SMTP, session: Session, address: str) -> str | None:
+        if not isinstance(server, RelaySMTP):
+            return None
+        allowed = server.spec.settings.senders
+        client = peer_host(session.peer)
+        if allowed and not address_matches(address, allowed):
+            log.warning(
+                "refused MAIL FROM:<%s> from %s: not in the senders of listener %s",
+                address,
+                client,
+                server.listener,
+            )
+            return str(replies.SENDER_NOT_ALLOWED)
+        user = session.auth_data if session.authenticated else None
+        if isinstance(user, LocalUser) and not sender_allowed(user, address):
+            log.warning(
+                "refused MAIL FROM:<%s> from %s: user %s may not send as it",
+                address,
+                client,
+                user.name,
+            )
+            return str(replies.SENDER_NOT_OWNED)
+        return None
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if not valid_utf8(address):
             return str(replies.BAD_ADDRESS)
+        if isinstance(server, RelaySMTP) and not recipient_domain_allowed(
+            address, server.spec.settings.recipient_domains
+        ):
+            log.warning(
+                "refused RCPT TO:<%s> from %s: domain not in the recipient_domains of %s",
+                address,
+                peer_host(session.peer),
+                server.listener,
+            )
+            self._metrics.received.labels(result="refused_policy").inc()
+            return str(replies.RELAY_DENIED)
         if recipient_limit_reached(len(envelope.rcpt_tos), self._limits.max_recipients):
             self._metrics.received.labels(result="too_many_recipients").inc()
             return str(replies.TOO_MANY_RECIPIENTS)
@@ -179,6 +341,14 @@ class RelayHandler:
         if len(body) > self._limits.max_message_size:
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.MESSAGE_TOO_BIG)
+        if header_too_large(body, self._limits.max_header_size):
+            log.warning(
+                "refused a message from %s: header block over %d bytes",
+                peer_host(session.peer),
+                self._limits.max_header_size,
+            )
+            self._metrics.received.labels(result="too_big").inc()
+            return str(replies.HEADER_TOO_BIG)
         queue_id = new_queue_id(self._clock())
         try:
             normalized = await asyncio.to_thread(self._normalize, envelope, body)
@@ -204,13 +374,16 @@ class RelayHandler:
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
         # this handler, not the delivery of a message that did reach the disk.
         message_id = header_message_id(normalized.data)
-        commit.add_done_callback(lambda done: self._committed(entry, done, message_id))
+        how = session_summary(server, session)
+        commit.add_done_callback(lambda done: self._committed(entry, done, message_id, how))
         try:
             await asyncio.shield(commit)
         except Exception:
             log.exception("spool commit failed; answered 451", extra={"queue_id": queue_id})
             self._metrics.received.labels(result="error").inc()
             return str(replies.TEMPORARY_FAILURE)
+        if isinstance(server, RelaySMTP):
+            server.messages += 1
         if self.draining and server.transport is not None:
             asyncio.get_running_loop().call_soon(server.transport.close)
         return str(replies.queued(queue_id))
@@ -235,8 +408,12 @@ class RelayHandler:
         """The Received: line this relay adds on top (RFC 5321 4.4)."""
         client = peer_host(session.peer)
         helo = session.host_name or client
-        utf8 = envelope.smtp_utf8
-        protocol = ("UTF8SMTP" if utf8 else "ESMTP") if session.extended_smtp else "SMTP"
+        protocol = with_protocol(
+            extended=session.extended_smtp,
+            utf8=envelope.smtp_utf8,
+            tls=isinstance(server, RelaySMTP) and server.tls_version is not None,
+            authenticated=bool(session.authenticated),
+        )
         stamp = formatdate(self._clock(), localtime=False, usegmt=False)
         return received_header(
             helo=helo,
@@ -247,19 +424,22 @@ class RelayHandler:
             stamp=stamp,
         )
 
-    def _committed(self, entry: QueueEntry, commit: asyncio.Future[None], message_id: str) -> None:
+    def _committed(
+        self, entry: QueueEntry, commit: asyncio.Future[None], message_id: str, how: str
+    ) -> None:
         if commit.cancelled() or commit.exception() is not None:
             return
         self._metrics.received.labels(result="accepted").inc()
         self._metrics.message_size.observe(entry.size)
         log.info(
-            "accepted from=<%s> rcpts=%d size=%d client=%s helo=%s message-id=%s",
+            "accepted from=<%s> rcpts=%d size=%d client=%s helo=%s message-id=%s%s",
             entry.mail_from,
             len(entry.recipients),
             entry.size,
             entry.client,
             entry.helo,
             message_id or "-",
+            how,
             extra={"queue_id": entry.queue_id},
         )
         try:
@@ -290,32 +470,71 @@ class RelayHandler:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's protocol with the allowlist gate in front, our own DATA reader and a
-    registry of open sessions."""
+    """aiosmtpd's protocol with the allowlist gate and session limits in front, our own DATA
+    reader, local AUTH verified off the event loop, an error budget, and a registry of open
+    sessions. Relies on aiosmtpd 1.4's `_handle_client`, `_authenticate`, `_reset_timeout` and
+    `_tls_protocol`, which are private."""
 
-    line_length_limit = 64 * 1024  # the stream buffer; command lines stay at 512 (aiosmtpd)
+    line_length_limit = 64 * 1024  # the stream buffer; command lines have their own limit
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built by one factory
         self,
         handler: RelayHandler,
         limits: IngressLimits,
         sessions: SessionRegistry,
-        listener: str = "",
+        spec: Listener | None = None,
+        throttle: AuthThrottle | None = None,
+        verifications: asyncio.Semaphore | None = None,
     ):
-        self.listener = listener  # the [smtp] listen entry this session came in on
+        self.spec = spec or Listener.plain("127.0.0.1:0", limits.networks)
+        settings = self.spec.settings
+        self.listener = self.spec.name  # routes name listeners by this
+        starttls = settings.tls == "starttls"
         super().__init__(
             handler,
-            data_size_limit=receive_cap(limits.max_message_size),
+            data_size_limit=None,  # SIZE= is checked (and counted) in handle_MAIL
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=limits.hostname,
             ident=IDENT,
-            timeout=COMMAND_TIMEOUT,
+            timeout=limits.command_timeout,
+            tls_context=self.spec.tls_context if starttls else None,
+            require_starttls=starttls and settings.require_tls,
+            auth_require_tls=not (settings.auth_without_tls or self.spec.implicit_tls),
+            auth_exclude_mechanism=["CRAM-MD5"],
+            authenticator=self._collect_credentials,
             loop=asyncio.get_running_loop(),
         )
+        limit = limits.max_command_length
+        self.command_size_limit = limit
+        self.command_size_limits = collections.defaultdict(lambda: limit)
         self._limits = limits
         self._sessions = sessions
         self._relay_handler = handler
+        self._throttle = throttle or AuthThrottle()
+        self._verifications = verifications or asyncio.Semaphore(VERIFICATIONS)
+        self.messages = 0
+        self.errors = 0
+        self.must_authenticate = settings.require_auth
+        self._closing = False
+
+    # --- properties the handler asks for ------------------------------------------------------
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.spec.settings.auth != "none"
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version of this session (implicit or after STARTTLS), or None."""
+        transport = self.transport
+        if transport is None:
+            return None
+        ssl_object = transport.get_extra_info("ssl_object")
+        version = ssl_object.version() if ssl_object is not None else None
+        return str(version) if version else None
+
+    # --- connection life ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
@@ -330,20 +549,108 @@ class RelaySMTP(SMTP):
     async def _handle_client(self) -> None:
         assert self.session is not None
         client = peer_host(self.session.peer)
-        if not peer_allowed(client, self._limits.networks):
-            log.warning("refused client %s: not in smtp.allow", client or "(unknown)")
-            self._relay_handler._metrics.received.labels(result="refused_allowlist").inc()
-            await self.push(str(replies.ACCESS_DENIED))
-            if self._sessions.refused_open < MAX_REFUSED_SESSIONS:
-                self._sessions.refused_open += 1
-                try:
-                    await self._refuse_until_quit()
-                finally:
-                    self._sessions.refused_open -= 1
-            if self.transport is not None:
-                self.transport.close()
+        busy = self._sessions.over_limit(self, client, self._limits)
+        if busy is not None:
+            log.warning("refused client %s: %s", client or "(unknown)", busy)
+            self._relay_handler._metrics.received.labels(result="refused_limit").inc()
+            await self.push(str(replies.TOO_MANY_SESSIONS))
+            self._close_transport()
             return
+        if not peer_allowed(client, self.spec.networks):
+            if not self.spec.settings.auth_relay_anywhere:
+                await self._refuse(client)
+                return
+            self.must_authenticate = True  # outside the allowlist: only a user may send
         await super()._handle_client()
+
+    async def _refuse(self, client: str) -> None:
+        allow = (
+            f"the allow of listener {self.listener}" if self.spec.settings.name else "smtp.allow"
+        )
+        log.warning("refused client %s: not in %s", client or "(unknown)", allow)
+        self._relay_handler._metrics.received.labels(result="refused_allowlist").inc()
+        await self.push(str(replies.ACCESS_DENIED))
+        if self._sessions.refused_open < MAX_REFUSED_SESSIONS:
+            self._sessions.refused_open += 1
+            try:
+                await self._refuse_until_quit()
+            finally:
+                self._sessions.refused_open -= 1
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def close_after_reply(self) -> None:
+        """Close the connection once the reply being sent is written."""
+        self._closing = True
+        asyncio.get_running_loop().call_soon(self._close_transport)
+
+    async def push(self, status: Any) -> None:
+        """Every reply goes through here: 5xx replies spend the session's error budget, and
+        the one that exhausts it is followed by 421 and the end of the connection."""
+        await super().push(status)
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else str(status)
+        if not text.startswith("5") or self._closing:
+            return
+        self.errors += 1
+        if self.errors >= self._limits.max_errors_per_session:
+            client = peer_host(self.session.peer) if self.session else ""
+            log.warning("closing the session of %s after %d errors", client, self.errors)
+            self._relay_handler._metrics.received.labels(result="refused_limit").inc()
+            await super().push(str(replies.TOO_MANY_ERRORS))
+            self.close_after_reply()
+
+    # --- AUTH ---------------------------------------------------------------------------------
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if not self.offers_auth:
+            await self.push(str(replies.AUTH_NOT_AVAILABLE))
+            return
+        await super().smtp_AUTH(arg)
+
+    def _collect_credentials(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        """aiosmtpd decodes PLAIN and LOGIN and calls this synchronously: only collect the
+        credentials here; `_verify` checks them off the event loop (scrypt is slow on purpose)."""
+        return AuthResult(success=True, handled=False, auth_data=data)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(_, args))
+
+    async def _verify(self, collected: AuthResult) -> AuthResult:
+        if not collected.success or not isinstance(collected.auth_data, LoginPassword):
+            return collected
+        assert self.session is not None
+        client = peer_host(self.session.peer)
+        now = time.monotonic()
+        blocked = self._throttle.blocked(client, now)
+        if blocked:
+            log.warning(
+                "AUTH from %s refused: blocked for %.0fs after failed logins", client, blocked
+            )
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_THROTTLED))
+        login = collected.auth_data.login.decode("utf-8", "replace")
+        password = collected.auth_data.password.decode("utf-8", "replace")
+        if self.spec.settings.auth == "accept-any":
+            log.info("AUTH accepted from %s as %r (accept-any: not checked)", client, login)
+            return AuthResult(success=True, handled=False, auth_data=login)
+        async with self._verifications:  # scrypt is slow and big on purpose: two at a time
+            user = await asyncio.to_thread(authenticate, self.spec.users, login, password)
+        if user is None:
+            self._throttle.failure(client, time.monotonic())
+            log.warning("AUTH failed from %s for user %r", client, login)
+            return AuthResult(success=False, handled=False)
+        self._throttle.success(client, time.monotonic())
+        log.info("AUTH from %s as user %s", client, user.name)
+        return AuthResult(success=True, handled=False, auth_data=user)
+
+    # --- DATA ---------------------------------------------------------------------------------
 
     async def smtp_DATA(self, arg: str) -> None:
         """DATA with our own reader: bare LF and long lines accepted, only <CRLF>.<CRLF> ends
@@ -358,12 +665,19 @@ class RelaySMTP(SMTP):
             await self.push(str(replies.DATA_SYNTAX))
             return
         await self.push(str(replies.START_DATA))
-        reader = DataReader(self._reader, self._limits.max_message_size, self._reset_timeout)
+        data_timeout = self._limits.data_timeout
+        self._reset_timeout(data_timeout)
+        reader = DataReader(
+            self._reader,
+            self._limits.max_message_size,
+            lambda: self._reset_timeout(data_timeout),
+        )
         try:
             result = await reader.read()
         except (DataAborted, asyncio.CancelledError):
             self._relay_handler.data_aborted(self, reader.ended_with_bare_lf_dot)
             raise
+        self._reset_timeout()
         if result.data is None:
             self._relay_handler.too_big()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
@@ -416,6 +730,22 @@ class SessionRegistry:
     def add(self, session: RelaySMTP) -> None:
         self._open.add(session)
 
+    def over_limit(self, session: RelaySMTP, client: str, limits: IngressLimits) -> str | None:
+        """Why a new session is one too many (overall, or for its client address), or None."""
+        if len(self._open) > limits.max_sessions:
+            return f"{len(self._open) - 1} sessions open (max_sessions = {limits.max_sessions})"
+        same = sum(
+            1
+            for other in self._open
+            if other is not session and other.session and peer_host(other.session.peer) == client
+        )
+        if same >= limits.max_sessions_per_client:
+            return (
+                f"{same} sessions open from it "
+                f"(max_sessions_per_client = {limits.max_sessions_per_client})"
+            )
+        return None
+
     def discard(self, session: RelaySMTP) -> None:
         self._open.discard(session)
         self._changed.set()
@@ -454,24 +784,61 @@ class Ingress:
         self.handler = handler
         self.limits = limits
         self.sessions = SessionRegistry()
+        self.throttle = AuthThrottle()
+        self.verifications = asyncio.Semaphore(VERIFICATIONS)
+        self.listeners: list[Listener] = []
         self._servers: list[asyncio.Server] = []
         self.bound: list[tuple[str, int]] = []
 
-    async def start(self, addresses: Sequence[tuple[str, int]], names: Sequence[str] = ()) -> None:
+    async def start(self, listeners: Sequence[Listener]) -> None:
         loop = asyncio.get_running_loop()
-        for index, (host, port) in enumerate(addresses):
-            name = names[index] if index < len(names) else f"{host}:{port}"
-            server = await loop.create_server(self._protocol_factory(name), host, port)
+        for listener in listeners:
+            host, port = parse_host_port(listener.settings.address)
+            server = await loop.create_server(
+                self._protocol_factory(listener),
+                host,
+                port,
+                ssl=listener.tls_context if listener.implicit_tls else None,
+                ssl_handshake_timeout=min(60.0, self.limits.command_timeout)
+                if listener.implicit_tls
+                else None,
+            )
             self._servers.append(server)
+            self.listeners.append(listener)
             for sock in server.sockets:
                 name = sock.getsockname()
                 self.bound.append((str(name[0]), int(name[1])))
+            if listener.settings.legacy_tls:
+                log.warning(
+                    "listener %s accepts TLS %s: for old devices only, it is not secure",
+                    listener.name,
+                    listener.settings.tls_min_version,
+                )
 
-    def _protocol_factory(self, listener: str) -> Callable[[], RelaySMTP]:
+    def _protocol_factory(self, listener: Listener) -> Callable[[], RelaySMTP]:
         def factory() -> RelaySMTP:
-            return RelaySMTP(self.handler, self.limits, self.sessions, listener)
+            return RelaySMTP(
+                self.handler,
+                self.limits,
+                self.sessions,
+                listener,
+                self.throttle,
+                self.verifications,
+            )
 
         return factory
+
+    def reload_tls(self) -> None:
+        """Load every listener's certificate again (SIGHUP); a failure keeps the old one."""
+        for listener in self.listeners:
+            if listener.tls_context is None:
+                continue
+            try:
+                listener.reload_tls()
+            except TlsConfigError as exc:
+                log.error("listener %s keeps its certificate: %s", listener.name, exc)
+            else:
+                log.info("listener %s: certificate reloaded", listener.name)
 
     @property
     def listening(self) -> bool:

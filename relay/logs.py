@@ -108,3 +108,9 @@ def setup_logging(level: str = "info", fmt: str = "text", secrets: Iterable[str]
     root.setLevel(level.upper())
     for noisy in ("mail.log", "msal", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("mail.log").addFilter(_drop_aiosmtpd_deprecation)
+
+
+def _drop_aiosmtpd_deprecation(record: logging.LogRecord) -> bool:
+    """aiosmtpd 1.4 warns about its own `login_data` on every successful AUTH."""
+    return "login_data is deprecated" not in record.getMessage()

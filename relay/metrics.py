@@ -68,6 +68,8 @@ RECEIVED_RESULTS = (
     "too_many_recipients",
     "aborted",
     "bare_lf_end",
+    "refused_policy",
+    "refused_limit",
     "error",
 )
 

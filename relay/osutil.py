@@ -104,6 +104,22 @@ def _threadsafe_handler(
     return handler
 
 
+def install_reload_handler(loop: asyncio.AbstractEventLoop, on_reload: Callable[[], None]) -> None:
+    """Call `on_reload()` on SIGHUP, from the event loop. No-op where there is no SIGHUP."""
+    signum = getattr(signal, "SIGHUP", None)
+    if signum is None:
+        return
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signum, on_reload)
+
+
+def remove_reload_handler(loop: asyncio.AbstractEventLoop) -> None:
+    signum = getattr(signal, "SIGHUP", None)
+    if signum is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.remove_signal_handler(signum)
+
+
 def remove_stop_handlers(loop: asyncio.AbstractEventLoop) -> None:
     for name in ("SIGTERM", "SIGINT"):
         signum = getattr(signal, name, None)

@@ -35,9 +35,37 @@ def peer_allowed(address: str, networks: Sequence[Network]) -> bool:
     return any(ip in net for net in networks if net.version == ip.version)
 
 
+def parse_network_list(networks: Sequence[str]) -> tuple[Network, ...]:
+    """Validated CIDR strings (the config checked them) as networks."""
+    return tuple(ipaddress.ip_network(network, strict=True) for network in networks)
+
+
 def recipient_limit_reached(current: int, limit: int) -> bool:
     """True when a message already has `limit` recipients and must refuse one more."""
     return current >= limit
+
+
+def address_matches(address: str, patterns: Sequence[str]) -> bool:
+    """`address` is one of `patterns` (lower-case addresses and "@domain"s), ignoring case."""
+    address = address.lower()
+    domain = "@" + address.rpartition("@")[2] if "@" in address else None
+    return any(pattern in (address, domain) for pattern in patterns)
+
+
+def recipient_domain_allowed(address: str, domains: Sequence[str]) -> bool:
+    """An empty list allows every domain; otherwise the recipient's domain must be listed
+    exactly (lower-case, no subdomains: a compromised device must not mail the world)."""
+    if not domains:
+        return True
+    return "@" in address and address.rpartition("@")[2].lower() in domains
+
+
+def header_too_large(data: bytes, limit: int) -> bool:
+    """The header block (up to the first empty line, CRLF or bare LF) is over `limit` bytes.
+    A message without an empty line is all header."""
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    header = min(ends) if ends else len(data)
+    return header > limit
 
 
 # --- what an outcome means ---------------------------------------------------------------------
@@ -371,15 +399,10 @@ class RouteRule:
 
     def matches(self, sender: str, client: str, listener: str) -> bool:
         return (
-            (not self.senders or _sender_matches(sender.lower(), self.senders))
+            (not self.senders or address_matches(sender, self.senders))
             and (not self.networks or peer_allowed(client, self.networks))
             and (not self.listeners or listener in self.listeners)
         )
-
-
-def _sender_matches(sender: str, patterns: Sequence[str]) -> bool:
-    domain = "@" + sender.rpartition("@")[2] if "@" in sender else None
-    return any(pattern in (sender, domain) for pattern in patterns)
 
 
 def choose_upstream(rules: Sequence[RouteRule], sender: str, client: str, listener: str) -> str:

@@ -70,6 +70,16 @@ TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TEMPORARY_FAILURE = SmtpReply(451, "4.3.0", "Temporary failure, please try again later")
 SHUTTING_DOWN = SmtpReply(421, "4.3.2", "Service shutting down, try again later")
+TOO_MANY_SESSIONS = SmtpReply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "Too many errors, closing the connection")
+TOO_MANY_MESSAGES = SmtpReply(421, "4.7.0", "Too many messages in one session, reconnect")
+HEADER_TOO_BIG = SmtpReply(552, "5.3.4", "Message header size exceeds the limit")
+AUTH_REQUIRED = SmtpReply(530, "5.7.0", "Authentication required")
+AUTH_THROTTLED = SmtpReply(454, "4.7.0", "Too many failed logins, try again later")
+AUTH_NOT_AVAILABLE = SmtpReply(502, "5.5.1", "AUTH is not available on this port")
+SENDER_NOT_ALLOWED = SmtpReply(553, "5.7.1", "Sender address not allowed on this port")
+SENDER_NOT_OWNED = SmtpReply(553, "5.7.1", "Sender address not allowed for this login")
+RELAY_DENIED = SmtpReply(550, "5.7.1", "Relaying denied for this recipient domain")
 
 
 def queued(queue_id: str) -> SmtpReply:
@@ -91,5 +101,15 @@ INGRESS_REPLIES: tuple[SmtpReply, ...] = (
     MESSAGE_TOO_BIG,
     TEMPORARY_FAILURE,
     SHUTTING_DOWN,
+    TOO_MANY_SESSIONS,
+    TOO_MANY_ERRORS,
+    TOO_MANY_MESSAGES,
+    HEADER_TOO_BIG,
+    AUTH_REQUIRED,
+    AUTH_THROTTLED,
+    AUTH_NOT_AVAILABLE,
+    SENDER_NOT_ALLOWED,
+    SENDER_NOT_OWNED,
+    RELAY_DENIED,
     queued("X"),
 )

@@ -34,7 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay import replies
 from relay.errors import SpoolError
-from relay.ingress import Ingress, IngressLimits, RelayHandler
+from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
 from relay.normalize import normalize_message
@@ -148,7 +148,7 @@ async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
         limits = IngressLimits(HOSTNAME, tuple(networks), max_message_size, max_recipients)
         handler = RelayHandler(spool, limits, metrics, on_commit or committed.append, clock=clock)
         ingress = Ingress(handler, limits)
-        await ingress.start([("127.0.0.1", 0)])
+        await ingress.start([Listener.plain("127.0.0.1:0", tuple(networks))])
         relay = Relay(ingress, spool, metrics, committed)
         started.append(relay)
         return relay

@@ -587,6 +587,15 @@ def test_render_round_trips_through_tomllib(tmp_path: Path) -> None:
         "hostname": "relay.lan",
         "max_message_size": 10_485_760,
         "max_recipients": 100,
+        "max_sessions": 200,
+        "max_sessions_per_client": 20,
+        "command_timeout": "5m",
+        "data_timeout": "3m",
+        "max_command_length": 2048,
+        "max_header_size": 1_048_576,
+        "max_messages_per_session": 1000,
+        "max_errors_per_session": 20,
+        "i_understand_open_relay": False,
     }
     assert data["delivery"] == {
         "max_age": "2d",
@@ -610,8 +619,11 @@ def test_render_round_trips_through_tomllib(tmp_path: Path) -> None:
         "server",
         "log",
         "route",
+        "listener",
+        "user",
     }
     assert data["route"] == []  # no [[route]] in that file; no [upstreams.*] either
+    assert data["listener"] == [] and data["user"] == []
 
 
 def test_render_output_loads_back_to_the_same_settings(tmp_path: Path) -> None:

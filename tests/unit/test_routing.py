@@ -82,7 +82,7 @@ def test_a_route_to_an_unknown_upstream_or_listener_is_refused(tmp_path: Path) -
     text = BASE + '[[route]]\nlistener = ["0.0.0.0:25"]\nupstream = "payroll"\n'
     assert problems(tmp_path, text) == [
         ("route.0.upstream", "no upstream named 'payroll': ['default', 'invoices']"),
-        ("route.0.listener", "'0.0.0.0:25' is not in [smtp] listen"),
+        ("route.0.listener", "no listener '0.0.0.0:25': ['127.0.0.1:2525']"),
     ]
 
 
