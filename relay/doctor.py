@@ -35,10 +35,12 @@ from relay.errors import RelayError, TokenError
 from relay.osutil import make_private_dir, owner_name, unlink_quietly, write_private_file
 from relay.policy import Stage, aadsts_hint, classify_reply
 from relay.replies import SmtpReply
+from relay.servertls import TlsConfigError, certificate_expiry, server_context
 from relay.tokens import MsalTokenProvider
 from relay.upstream import client_tls_context
 
 LOW_DISK_BYTES = 512 * 1024 * 1024
+CERT_WARN_DAYS = 21
 SEND_AS_CAVEAT = "Exchange checks Send As again after the body: --send-to proves it"
 
 
@@ -102,6 +104,7 @@ def run(
     with contextlib.suppress(_Stop):
         checks.ok("config", f"{source} is valid: {_config_summary(settings)}")
         _spool(checks, settings)
+        _listener_certificates(checks, settings)
         for name, upstream in upstreams.items():
             checks.scope = name
             asyncio.run(_UpstreamProbe(checks, upstream, settings, options.timeout).run())
@@ -158,6 +161,38 @@ def _spool(checks: Checks, settings: Settings) -> None:
         checks.warn("spool", detail, "free some space: the relay refuses mail (4xx) when full")
     else:
         checks.ok("spool", detail)
+
+
+def _listener_certificates(checks: Checks, settings: Settings) -> None:
+    """Each TLS listener's certificate loads, matches its key, and is not about to expire."""
+    for listener in settings.listeners():
+        if listener.tls == "none":
+            continue
+        try:
+            server_context(listener)
+        except TlsConfigError as exc:
+            checks.fail(
+                "tls-cert",
+                f"listener {listener.label}: {exc}",
+                "point tls_cert_file and tls_key_file at a PEM chain and its key; the relay "
+                "will not start without them",
+            )
+        assert listener.tls_cert_file is not None
+        expires = certificate_expiry(listener.tls_cert_file)
+        days = (expires - time.time()) / 86400 if expires is not None else None
+        detail = f"listener {listener.label}: {listener.tls_cert_file} loads" + (
+            f", expires in {days:.0f} days" if days is not None else ""
+        )
+        if days is not None and days < 0:
+            checks.fail(
+                "tls-cert", detail, "renew the certificate, then: systemctl kill -s HUP oauth-relay"
+            )
+        elif days is not None and days < CERT_WARN_DAYS:
+            checks.warn(
+                "tls-cert", detail, "renew it soon, then: systemctl kill -s HUP oauth-relay"
+            )
+        else:
+            checks.ok("tls-cert", detail)
 
 
 # --- one upstream ----------------------------------------------------------------------------

@@ -56,6 +56,9 @@ REFUSED_COMMANDS = 5  # lines answered after a 554 greeting before the connectio
 REFUSED_WAIT = 5.0  # seconds to wait for each of them
 MAX_REFUSED_SESSIONS = 16  # beyond this many at once, a refused client is closed at once
 VERIFICATIONS = 2  # password checks at once: each takes ~32 MiB and ~0.1 s of a core
+LINGER = 2.0  # seconds between our FIN and the close, for the client to read the last reply
+EOF_POLL = 0.01
+AIOSMTPD_GOODBYE = "502 5.5.1 Too many unrecognized commands"  # it closes by itself
 
 
 @dataclass(frozen=True)
@@ -178,13 +181,22 @@ def declared_size(options: Sequence[str]) -> int:
     return 0
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def valid_utf8(address: str) -> bool:
-    """aiosmtpd keeps undecodable bytes as surrogates; such an address cannot be relayed."""
+    """aiosmtpd keeps undecodable bytes as surrogates; such an address cannot be relayed. Nor
+    can one with control characters: they would reach the log, the spool and the upstream."""
     try:
         address.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return True
+    return not _CONTROL.search(address)
+
+
+def printable_reply(text: str) -> str:
+    """A reply line without control characters (aiosmtpd echoes unknown command words)."""
+    return _CONTROL.sub("?", text)
 
 
 def unique(addresses: Sequence[str]) -> list[str]:
@@ -201,6 +213,12 @@ def with_protocol(*, extended: bool, utf8: bool, tls: bool, authenticated: bool)
     return base + suffix
 
 
+def loggable_login(login: str) -> str:
+    """A login name as one log token: an accept-any login is whatever the client sent, and
+    must not be able to fake other fields of the line."""
+    return re.sub(r"[^\w.@+-]", "?", login)[:64] or "?"
+
+
 def session_summary(server: SMTP, session: Session) -> str:
     """` listener=... tls=... user=...` for the acceptance log line (nothing on a plain,
     anonymous [smtp] listen entry)."""
@@ -213,7 +231,8 @@ def session_summary(server: SMTP, session: Session) -> str:
         parts.append(f"tls={server.tls_version}")
     user = session.auth_data if session.authenticated else None
     if user is not None:
-        parts.append(f"user={user.name if isinstance(user, LocalUser) else user}")
+        name = user.name if isinstance(user, LocalUser) else str(user)
+        parts.append(f"user={loggable_login(name)}")
     return "".join(" " + part for part in parts)
 
 
@@ -357,20 +376,21 @@ class RelayHandler:
             normalized = Normalized(body, (), not body.isascii(), False)
         for change in normalized.changes:
             log.info("normalised: %s", change, extra={"queue_id": queue_id})
-        body = self._trace(server, session, envelope, queue_id) + normalized.data
+        trace = self._trace(server, session, envelope, queue_id)
+        body = normalized.data
         entry = QueueEntry(
             queue_id=queue_id,
             mail_from=envelope.mail_from or "",
             recipients=tuple(Recipient(a) for a in unique(envelope.rcpt_tos)),
             received_at=self._clock(),
-            size=len(body),
+            size=len(trace) + len(body),
             client=peer_host(session.peer),
             helo=session.host_name or "",
             smtputf8=needs_smtputf8(envelope) or normalized.needs_smtputf8,
             eightbit=normalized.eightbit,
             upstream=self._upstream_for(server, session, envelope),
         )
-        commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body))
+        commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body, trace))
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
         # this handler, not the delivery of a message that did reach the disk.
         message_id = header_message_id(normalized.data)
@@ -459,6 +479,13 @@ class RelayHandler:
                 client,
             )
             self._metrics.received.labels(result="bare_lf_end").inc()
+        elif isinstance(server, RelaySMTP) and server.timed_out:
+            log.warning(
+                "client %s was silent for %.0fs during DATA: connection closed, nothing accepted",
+                client,
+                self._limits.data_timeout,
+            )
+            self._metrics.received.labels(result="aborted").inc()
         else:
             log.info("client %s closed the connection during DATA: nothing accepted", client)
             self._metrics.received.labels(result="aborted").inc()
@@ -511,8 +538,15 @@ class RelaySMTP(SMTP):
         self._limits = limits
         self._sessions = sessions
         self._relay_handler = handler
-        self._throttle = throttle or AuthThrottle()
-        self._verifications = verifications or asyncio.Semaphore(VERIFICATIONS)
+        # `is None`, not `or`: an empty AuthThrottle is falsy (it has __len__), and a
+        # throttle of its own per session would let a blocked client simply reconnect
+        self._throttle = AuthThrottle() if throttle is None else throttle
+        self._verifications = (
+            asyncio.Semaphore(VERIFICATIONS) if verifications is None else verifications
+        )
+        self.timed_out = False
+        self._eof_watch: asyncio.Task[None] | None = None
+        self._eof_sent = False
         self.messages = 0
         self.errors = 0
         self.must_authenticate = settings.require_auth
@@ -582,17 +616,82 @@ class RelaySMTP(SMTP):
         if self.transport is not None:
             self.transport.close()
 
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle timer fired: say why (RFC 5321 4.5.3.2), then close."""
+        self.timed_out = True
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(f"{replies.TIMED_OUT}\r\n".encode())
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     def close_after_reply(self) -> None:
-        """Close the connection once the reply being sent is written."""
+        """End the session after the reply being sent: whatever the client pipelined after
+        it is discarded unanswered, and the connection is closed gently (see `_shut`)."""
         self._closing = True
-        asyncio.get_running_loop().call_soon(self._close_transport)
+        buffered = getattr(self._reader, "_buffer", None)  # aiosmtpd clears it the same way
+        if isinstance(buffered, bytearray):
+            buffered.clear()
+        asyncio.get_running_loop().call_soon(self._shut)
+
+    def _shut(self) -> None:
+        """Send FIN after the last reply and close a little later: closing a socket that still
+        has unread input makes the kernel send RST, which can destroy that last reply."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        self._sessions.discard(self)  # done: it no longer counts against any limit
+        if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+            self._eof_sent = True
+            transport.write_eof()
+            self.loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # the session is over: what the client still sends is not read
+        super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        """The client closed its sending side after pipelining its commands (`nc -N`, some
+        firmware). aiosmtpd would cancel the session at once, dropping a message whose final
+        dot had already arrived; instead answer what was sent, then close."""
+        if self._eof_watch is None:
+            self._eof_watch = self.loop.create_task(self._close_when_idle())
+        transport = self.transport
+        over_tls = transport is not None and transport.get_extra_info("sslcontext") is not None
+        return not over_tls and self.session is not None and self.session.ssl is None
+
+    async def _close_when_idle(self) -> None:
+        """After the client's EOF: once the session waits for input that cannot come (the
+        reader waits for more than its buffer holds), end it. Bounded by the DATA timeout."""
+        deadline = self.loop.time() + self._limits.data_timeout
+        reader = self._reader
+        while self.transport is not None and self.loop.time() < deadline:
+            if getattr(reader, "_waiter", None) is not None:  # needs more than it has
+                break
+            await asyncio.sleep(EOF_POLL)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        self._close_transport()
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        if arg:
+            await self.push("501 Syntax: QUIT")
+            return
+        await self.push(str(replies.BYE))
+        self.close_after_reply()
 
     async def push(self, status: Any) -> None:
-        """Every reply goes through here: 5xx replies spend the session's error budget, and
-        the one that exhausts it is followed by 421 and the end of the connection."""
-        await super().push(status)
-        text = status.decode("ascii", "replace") if isinstance(status, bytes) else str(status)
-        if not text.startswith("5") or self._closing:
+        """Every reply goes through here: control characters are replaced, 5xx replies spend
+        the session's error budget, and the one that exhausts it is followed by 421 and the
+        end of the session. Nothing is sent once the session is closing."""
+        if self.transport is None or self.transport.is_closing() or self._eof_sent:
+            return
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else str(status)
+        text = printable_reply(text)
+        await super().push(text)
+        if not text.startswith("5") or self._closing or text.startswith(AIOSMTPD_GOODBYE):
             return
         self.errors += 1
         if self.errors >= self._limits.max_errors_per_session:
@@ -638,13 +737,17 @@ class RelaySMTP(SMTP):
         login = collected.auth_data.login.decode("utf-8", "replace")
         password = collected.auth_data.password.decode("utf-8", "replace")
         if self.spec.settings.auth == "accept-any":
-            log.info("AUTH accepted from %s as %r (accept-any: not checked)", client, login)
+            log.info(
+                "AUTH accepted from %s as %s (accept-any: not checked)",
+                client,
+                loggable_login(login),
+            )
             return AuthResult(success=True, handled=False, auth_data=login)
         async with self._verifications:  # scrypt is slow and big on purpose: two at a time
             user = await asyncio.to_thread(authenticate, self.spec.users, login, password)
         if user is None:
             self._throttle.failure(client, time.monotonic())
-            log.warning("AUTH failed from %s for user %r", client, login)
+            log.warning("AUTH failed from %s for user %s", client, loggable_login(login))
             return AuthResult(success=False, handled=False)
         self._throttle.success(client, time.monotonic())
         log.info("AUTH from %s as user %s", client, user.name)

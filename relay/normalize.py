@@ -224,8 +224,22 @@ def _parse_entity(buf: bytes) -> _Entity:
     return _Entity(fields, sep, buf[pos + len(sep) :])
 
 
+LONG_LINE_WINDOW = 1024 * 1024
+
+
 def _has_long_line(buf: bytes) -> bool:
-    return len(buf) > MAX_LINE and max(map(len, buf.split(CRLF))) > MAX_LINE
+    """A line over MAX_LINE, looked for a window at a time (windows end at a line end), so a
+    large body is never split into one list of all its lines."""
+    if len(buf) <= MAX_LINE:
+        return False
+    start = 0
+    while start < len(buf):
+        end = buf.find(CRLF, min(start + LONG_LINE_WINDOW, len(buf)))
+        end = len(buf) if end < 0 else end
+        if max(map(len, buf[start:end].split(CRLF))) > MAX_LINE:
+            return True
+        start = end + len(CRLF)
+    return False
 
 
 # --- top-level header fixes ---------------------------------------------------------------------

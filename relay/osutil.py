@@ -32,15 +32,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_private_file(path: Path, data: bytes) -> None:
-    """Create `path` (which must not exist) readable by the owner only, write, fsync, close."""
+def write_private_file(path: Path, *parts: bytes) -> None:
+    """Create `path` (which must not exist) readable by the owner only, write the parts one
+    after the other (no joined copy of a large body), fsync, close."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags, PRIVATE_FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        for part in parts:
+            view = memoryview(part)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
         os.fsync(fd)
     except BaseException:
         os.close(fd)

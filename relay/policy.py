@@ -63,7 +63,8 @@ def recipient_domain_allowed(address: str, domains: Sequence[str]) -> bool:
 def header_too_large(data: bytes, limit: int) -> bool:
     """The header block (up to the first empty line, CRLF or bare LF) is over `limit` bytes.
     A message without an empty line is all header."""
-    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    window = limit + 4  # never searches a large body past the limit
+    ends = [i for i in (data.find(b"\r\n\r\n", 0, window), data.find(b"\n\n", 0, window)) if i >= 0]
     header = min(ends) if ends else len(data)
     return header > limit
 
@@ -215,6 +216,16 @@ REPLY_RULES: tuple[Rule, ...] = (
         "5.7.57",
         "not authenticated: a relay or configuration bug",
         "the upstream saw no AUTH: check host and port (smtp.office365.com:587)",
+    ),
+    Rule(
+        Verdict.DEFER,
+        stages=frozenset({Stage.MAIL}),
+        code=530,
+        session_ok=False,
+        pause=TENANT_PAUSE,
+        note="530 at MAIL: authentication required, whatever the enhanced code says",
+        action=Action.PAUSE_UPSTREAM,
+        hint="the upstream saw no AUTH: check host and port (smtp.office365.com:587)",
     ),
     _tenant_problem(
         "5.2.2",

@@ -70,6 +70,7 @@ TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = SmtpReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TEMPORARY_FAILURE = SmtpReply(451, "4.3.0", "Temporary failure, please try again later")
 SHUTTING_DOWN = SmtpReply(421, "4.3.2", "Service shutting down, try again later")
+TIMED_OUT = SmtpReply(421, "4.4.2", "Timeout exceeded, closing the connection")
 TOO_MANY_SESSIONS = SmtpReply(421, "4.7.0", "Too many connections, try again later")
 TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "Too many errors, closing the connection")
 TOO_MANY_MESSAGES = SmtpReply(421, "4.7.0", "Too many messages in one session, reconnect")
@@ -101,6 +102,7 @@ INGRESS_REPLIES: tuple[SmtpReply, ...] = (
     MESSAGE_TOO_BIG,
     TEMPORARY_FAILURE,
     SHUTTING_DOWN,
+    TIMED_OUT,
     TOO_MANY_SESSIONS,
     TOO_MANY_ERRORS,
     TOO_MANY_MESSAGES,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from cryptography import x509
+
 from relay.config import ListenerSettings
 
 VERSIONS = {
@@ -56,3 +58,13 @@ def _try_load(context: ssl.SSLContext, cert: Path, key: Path | None) -> None:
         files = f"{cert}" + (f" and {key}" if key else "")
         reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
         raise TlsConfigError(f"cannot use the certificate in {files}: {reason}") from None
+
+
+def certificate_expiry(cert_file: Path) -> float | None:
+    """When the first certificate in a PEM file expires (epoch seconds), or None when it
+    cannot be read (the loader reports why)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return certificate.not_valid_after_utc.timestamp()

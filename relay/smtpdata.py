@@ -13,6 +13,7 @@ for the next pipelined command.
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class DataReader:
 
     async def read(self) -> DataResult:
         """The body, unstuffed. Raises DataAborted if the connection closes first."""
-        parts: list[bytes] = []
+        buffer = io.BytesIO()  # getvalue() hands over its buffer: no join, no per-line objects
         size = 0
         last_byte = b"\n"  # the CRLF that ended the DATA command line
         after_crlf = True
@@ -64,16 +65,16 @@ class DataReader:
         while True:
             raw = await self._next_piece()
             if after_crlf and raw == END_LINE:
-                return DataResult(b"".join(parts) if size <= self._limit else None, size)
+                return DataResult(buffer.getvalue() if size <= self._limit else None, size)
             self.tail = (self.tail + raw)[-TAIL:]
             after_crlf = raw.endswith(b"\r\n") or (raw == b"\n" and last_byte == b"\r")
             piece = raw[1:] if last_byte == b"\n" and raw.startswith(b".") else raw
             last_byte = raw[-1:]
             size += len(piece)
             if size <= self._limit:
-                parts.append(piece)
-            elif parts:
-                parts.clear()  # too big: read on to the end, keep nothing
+                buffer.write(piece)
+            elif buffer.tell():
+                buffer = io.BytesIO()  # too big: read on to the end, keep nothing
             since_progress += len(raw)
             if since_progress >= PROGRESS_EVERY:
                 since_progress = 0

@@ -71,9 +71,9 @@ class RecoveryReport:
     queued: int = 0
 
 
-def _write_new(path: Path, data: bytes, written: list[Path]) -> None:
+def _write_new(path: Path, parts: tuple[bytes, ...], written: list[Path]) -> None:
     """Create `path` exclusively and durably; remember it for clean-up only once created."""
-    write_private_file(path, data)
+    write_private_file(path, *parts)
     written.append(path)
 
 
@@ -138,15 +138,16 @@ class Spool:
 
     # --- accepting -----------------------------------------------------------------------------
 
-    def commit(self, entry: QueueEntry, body: bytes) -> None:
-        """Store a new message durably in incoming/. Returns only when it is on stable storage."""
+    def commit(self, entry: QueueEntry, body: bytes, head: bytes = b"") -> None:
+        """Store a new message (`head` then `body`: the trace line is not glued onto a large
+        body in memory) durably in incoming/. Returns only when it is on stable storage."""
         queue_id = entry.queue_id
         written: list[Path] = []
         try:
             meta = entry.dumps()
-            _write_new(self.body_path(queue_id), body, written)
+            _write_new(self.body_path(queue_id), (head, body), written)
             fsync_dir(self.data)
-            _write_new(self.tmp / f"{queue_id}.json", meta, written)
+            _write_new(self.tmp / f"{queue_id}.json", (meta,), written)
             os.replace(written[-1], self.meta_path(State.INCOMING, queue_id))
             written[-1] = self.meta_path(State.INCOMING, queue_id)
             fsync_dir(self.dir(State.INCOMING))

@@ -48,7 +48,11 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 def smtp_data(body: bytes) -> bytes:
     """The body as DATA content: every line ending CRLF, leading dots doubled (RFC 5321
     4.5.2), and the end-of-data line appended."""
-    data = _LEADING_DOT.sub(b"..", _LINE_END.sub(b"\r\n", body))
+    data = body
+    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
+        data = _LINE_END.sub(b"\r\n", data)  # the spool holds CRLF already: rarely needed
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"

@@ -470,7 +470,7 @@ async def test_ehlo_advertises_size_8bitmime_smtputf8_pipelining(
     raw = await open_raw(relay.port)
     assert await off_loop(raw.reply) == [GREETING]
     assert await off_loop(raw.command, b"EHLO scanner.lan\r\n") == EHLO_LINES
-    assert await off_loop(raw.command, b"QUIT\r\n") == ["221 Bye"]
+    assert await off_loop(raw.command, b"QUIT\r\n") == ["221 2.0.0 Bye"]
     assert await off_loop(raw.rest) == b""
 
     async with client_for(relay) as client:
@@ -650,7 +650,7 @@ async def test_pipelined_commands_get_all_replies_in_order(
     ]
     await off_loop(raw.send, stuffed(BODY) + b".\r\nQUIT\r\n")
     queued, bye = await off_loop(raw.replies, 2)
-    assert bye == ["221 Bye"]
+    assert bye == ["221 2.0.0 Bye"]
     assert await off_loop(raw.rest) == b""
     entry, body = relay.only_message()
     assert queued == [str(replies.queued(entry.queue_id))]
@@ -785,7 +785,7 @@ async def test_only_crlf_dot_crlf_ends_the_data(start_relay: StartRelay, open_ra
     )
     await off_loop(raw.send, wire)
     queued, bye = await off_loop(raw.replies, 2)
-    assert bye == ["221 Bye"]
+    assert bye == ["221 2.0.0 Bye"]
     assert await off_loop(raw.rest) == b""  # no reply to a smuggled command
     entry, body = relay.only_message()
     assert queued == [str(replies.queued(entry.queue_id))]

@@ -302,3 +302,34 @@ def test_every_upstream_is_checked_and_one_can_be_chosen(
     assert names(steps) == ["config", "spool", "maildir"]
     code, output = run_doctor(config, "--upstream", "nowhere")
     assert code == 2 and "no upstream 'nowhere'" in output
+
+
+@pytest.mark.parametrize(("days", "status"), [(365, "ok"), (10, "warn"), (-1, "FAIL")])
+def test_listener_certificates_are_checked(tmp_path: Path, days: int, status: str) -> None:
+    import datetime
+
+    import trustme
+
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = ca.issue_cert(
+        "127.0.0.1",
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now + datetime.timedelta(days=days),
+    )
+    pem = tmp_path / "relay.pem"
+    leaf.private_key_and_cert_chain_pem.write_to_path(str(pem))
+    config = tmp_path / "tls.toml"
+    config.write_text(
+        '[smtp]\nlisten = []\nallow = ["127.0.0.1/32"]\n'
+        f'[spool]\npath = "{tmp_path / "spool"}"\n'
+        f'[upstream]\nkind = "maildir"\npath = "{tmp_path / "maildir"}"\n'
+        f'[[listener]]\naddress = "127.0.0.1:0"\nname = "smtps"\ntls = "implicit"\n'
+        f'tls_cert_file = "{pem}"\n',
+        encoding="utf-8",
+    )
+    code, steps = doctor_json(config)
+    step = next(s for s in steps if s["name"] == "tls-cert")
+    assert step["status"] == status, step
+    assert "listener smtps" in step["detail"]
+    assert code == (1 if status == "FAIL" else 0)

@@ -417,3 +417,19 @@ def test_hash_password_prints_a_hash_that_verifies() -> None:
     assert check_hash_format(encoded) is None
     assert verify_password("correct horse", encoded)
     assert not verify_password("correct horse\n", encoded)
+
+
+@pytest.mark.parametrize(
+    ("login", "logged"),
+    [
+        ("erp", "erp"),
+        ("scanner@contoso.com", "scanner@contoso.com"),
+        ("nobody tls=TLSv1.3 user=erp", "nobody?tls?TLSv1.3?user?erp"),
+        ("a\nb", "a?b"),
+        ("", "?"),
+    ],
+)
+def test_a_login_name_cannot_fake_log_fields(login: str, logged: str) -> None:
+    from relay.ingress import loggable_login
+
+    assert loggable_login(login) == logged

@@ -1120,8 +1120,10 @@ class _ExchangeSession(SMTP):
             raise _Reject(INVALID_SENDER)
         if int(params.get("SIZE") or 0) > self._fake.max_message_size:
             raise _Reject(SIZE_EXCEEDED)
-        if address and self._fake.send_as_checked_at == "mail" and self._fake._send_as_violation(
-            mailbox, address, b"", with_headers=False
+        if (
+            address
+            and self._fake.send_as_checked_at == "mail"
+            and self._fake._send_as_violation(mailbox, address, b"", with_headers=False)
         ):
             raise _Reject(SEND_AS_DENIED_AT_MAIL)
         self._fake._admit_transaction(mailbox, self.session_id)

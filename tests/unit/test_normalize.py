@@ -652,3 +652,23 @@ def test_re_encoded_8bit_text_without_content_type_declares_its_charset() -> Non
     assert parsed.get_content_type() == "text/plain"
     assert parsed.get_content_charset() == "utf-8"
     assert parsed.get_content().startswith("Grüße Grüße")
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.integers(min_value=0, max_value=1200), min_size=1, max_size=40),
+    st.integers(min_value=1, max_value=4096),
+)
+def test_long_lines_are_found_window_by_window(lengths: list[int], window: int) -> None:
+    import relay.normalize as normalize
+
+    body = b"\r\n".join(b"x" * n for n in lengths)
+    naive = (
+        len(body) > normalize.MAX_LINE and max(map(len, body.split(b"\r\n"))) > normalize.MAX_LINE
+    )
+    saved = normalize.LONG_LINE_WINDOW
+    normalize.LONG_LINE_WINDOW = window
+    try:
+        assert normalize._has_long_line(body) is naive
+    finally:
+        normalize.LONG_LINE_WINDOW = saved

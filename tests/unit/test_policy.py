@@ -28,6 +28,7 @@ from relay.policy import (
     classify_error,
     classify_reply,
     expired,
+    header_too_large,
     next_attempt,
     peer_allowed,
     recipient_limit_reached,
@@ -151,6 +152,7 @@ AUTH_DISABLED = "SMTP AUTH disabled for the tenant or mailbox, or blocked by pol
 TOKEN = "token refused: refresh once, keep the message queued"
 SETUP = "session set-up refused: a configuration problem, not the message's fault"
 NOT_AUTHENTICATED = "not authenticated: a relay or configuration bug"
+MAIL_530 = "530 at MAIL: authentication required, whatever the enhanced code says"
 MAILBOX_FULL = "the sending mailbox is full (Sent Items)"
 QUOTA = "daily recipient quota of the mailbox reached"
 DAILY_LIMIT = "daily recipient limit of the mailbox reached"
@@ -171,6 +173,7 @@ def test_reply_rules_table_has_the_rows_these_tests_cover() -> None:
         CLOSING,
         AUTH_DISABLED,
         NOT_AUTHENTICATED,
+        MAIL_530,
         MAILBOX_FULL,
         QUOTA,
         DAILY_LIMIT,
@@ -254,6 +257,16 @@ def test_row_smtp_auth_disabled_keeps_the_queue_and_pauses(text: str) -> None:
     assert core(classify_reply(Stage.AUTH, r)) == Decision(
         Verdict.DEFER, r, session_ok=False, pause=300.0
     )
+
+
+@pytest.mark.parametrize("text", ["", "5.7.0 Authentication required", "5.5.1 Need AUTH"])
+def test_row_530_at_mail_pauses_like_not_authenticated(text: str) -> None:
+    r = reply(530, text)
+    assert first_rule(Stage.MAIL, r) == MAIL_530
+    assert core(classify_reply(Stage.MAIL, r)) == Decision(
+        Verdict.DEFER, r, session_ok=False, pause=300.0
+    )
+    assert classify_reply(Stage.MAIL, r).action is Action.PAUSE_UPSTREAM
 
 
 def test_row_535_at_auth_defers_and_refreshes_the_token() -> None:
@@ -676,3 +689,21 @@ def test_token_errors_pause_the_upstream_with_the_aadsts_fix(code: int | None, f
     assert decision.action is Action.PAUSE_UPSTREAM
     assert decision.verdict is Verdict.DEFER
     assert fix in decision.hint
+
+
+# --- header size ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "limit", "too_large"),
+    [
+        (b"Subject: x\r\n\r\n" + b"b" * 5000, 1024, False),
+        (b"Subject: x\n\n" + b"b" * 5000, 1024, False),
+        (b"X: " + b"h" * 2000 + b"\r\n\r\nbody", 1024, True),
+        (b"X: " + b"h" * 1015 + b"\r\n\r\n", 1024, False),  # the header is exactly 1020 bytes
+        (b"no empty line at all " * 100, 1024, True),
+        (b"short, no empty line", 1024, False),
+    ],
+)
+def test_header_too_large(data: bytes, limit: int, too_large: bool) -> None:
+    assert header_too_large(data, limit) is too_large
