@@ -153,7 +153,8 @@ def serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log.level, settings.log.format, _secrets(settings))
     from relay import daemon  # noqa: PLC0415 - check-config needs none of the runtime
 
-    asyncio.run(daemon.run(settings))
+    path = args.config or args.config_path
+    asyncio.run(daemon.run(settings, reload_settings=lambda: load_settings(path)))
     return EXIT_OK
 
 

@@ -754,6 +754,31 @@ def open_relay(listener: ListenerSettings) -> bool:
     )
 
 
+RESTART_SECTIONS = ("spool", "delivery", "metrics", "server")
+RESTART_UPSTREAM_KEYS = ("messages_per_minute", "recipients_per_day", "connections")
+
+
+def restart_needed(old: Settings, new: Settings) -> list[str]:
+    """The changed keys a reload does not apply (they are read once, at start)."""
+    changed: list[str] = []
+    for section in RESTART_SECTIONS:
+        before, after = getattr(old, section).model_dump(), getattr(new, section).model_dump()
+        changed += [f"{section}.{key}" for key in before if before[key] != after.get(key)]
+    if old.log.format != new.log.format:
+        changed.append("log.format")
+    for name, upstream in new.all_upstreams().items():
+        previous = old.all_upstreams().get(name)
+        if previous is None:
+            continue
+        prefix = "upstream" if name == DEFAULT_UPSTREAM else f"upstreams.{name}"
+        changed += [
+            f"{prefix}.{key}"
+            for key in RESTART_UPSTREAM_KEYS
+            if getattr(previous, key) != getattr(upstream, key)
+        ]
+    return changed
+
+
 # --- loading -----------------------------------------------------------------------------------
 
 

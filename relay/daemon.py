@@ -1,10 +1,14 @@
 """The daemon: builds the relay from its settings and runs its lifecycle.
 
 One job: composition and lifecycle. Start-up: recover the spool, schedule what is queued, start
-metrics, bind every listener, start delivery, log one "ready" line. Shutdown (first SIGTERM or
-SIGINT, or the injected trigger): stop accepting, let SMTP sessions and deliveries finish within
-the grace period, requeue what is still in flight. A second signal exits at once; the spool is
-crash-safe, so nothing acknowledged is lost either way. No argv parsing, no exit codes (cli.py).
+metrics, bind every listener, start delivery, log one "ready" line and tell systemd READY=1.
+SIGHUP: reload the configuration (listeners, TLS, allowlists, users, limits, routes, upstream
+credentials and sender policy) without dropping a session or touching the queue; a config that
+does not validate is refused and the running one stays. Shutdown (first SIGTERM or SIGINT, or
+the injected trigger): STOPPING=1, stop accepting, let SMTP sessions and deliveries finish
+within the grace period, requeue what is still in flight. A second signal exits at once; the
+spool is crash-safe, so nothing acknowledged is lost either way. No argv parsing, no exit codes
+(cli.py).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from relay.config import (
     UpstreamSettings,
     parse_host_port,
     parse_network,
+    restart_needed,
 )
 from relay.delivery import Delivery, requeue_active
 from relay.errors import ConfigError
 from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler
 from relay.localauth import LocalUser
+from relay.logs import register_secret
 from relay.metrics import Metrics, MetricsServer
 from relay.model import QueueEntry
 from relay.osutil import (
@@ -35,6 +41,8 @@ from relay.osutil import (
     install_stop_handlers,
     remove_reload_handler,
     remove_stop_handlers,
+    sd_notify,
+    watchdog_interval,
 )
 from relay.pacing import Budget, Pacer
 from relay.policy import RouteRule, choose_upstream
@@ -132,6 +140,11 @@ class Deliveries:
                 accepts=_accepts(name, names),
             )
 
+    def reconfigure(self, name: str, upstream: Upstream, sender: str) -> None:
+        """A reload changed upstream `name`: new sessions use `upstream`."""
+        self._senders[name] = sender
+        self.by_name[name].replace_upstream(upstream)
+
     def notice_route(self, original: str) -> tuple[str, str]:
         """A notice goes out through the upstream of its message, unless that one is paused
         (often the very reason the message failed): then through one that works."""
@@ -195,6 +208,7 @@ async def run(
     shutdown_trigger: asyncio.Event | None = None,
     running: Running | None = None,
     handle_signals: bool = True,
+    reload_settings: Callable[[], Settings] | None = None,
 ) -> None:
     """Run the relay until the trigger is set (or a stop signal arrives), then drain."""
     stop = shutdown_trigger or asyncio.Event()
@@ -218,14 +232,20 @@ async def run(
     spool = Spool(settings.spool.path)
     spool.open(lock=True)
     try:
-        await _serve(settings, spool, stop, running)
+        await _serve(settings, spool, stop, running, reload_settings or (lambda: settings))
     finally:
         spool.close()
         if handle_signals:
             remove_stop_handlers(loop)
 
 
-async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running: Running) -> None:
+async def _serve(
+    settings: Settings,
+    spool: Spool,
+    stop: asyncio.Event,
+    running: Running,
+    load: Callable[[], Settings],
+) -> None:
     started = time.monotonic()
     metrics = Metrics()
     report = await asyncio.to_thread(spool.recover)
@@ -278,9 +298,15 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
             queued,
             time.monotonic() - started,
         )
-        install_reload_handler(asyncio.get_running_loop(), lambda: reload(ingress))
+        reloader = Reloader(settings, load, ingress, delivery, metrics)
+        install_reload_handler(asyncio.get_running_loop(), reloader.start)
+        watchdog = _start_watchdog()
+        sd_notify("READY=1", f"STATUS=ready, {queued} queued")
         running.ready.set()
         await stop.wait()
+        sd_notify("STOPPING=1", "STATUS=draining")
+        if watchdog is not None:
+            watchdog.cancel()
         grace = settings.server.shutdown_grace
         log.info("stopping: no new connections; draining for up to %.0fs", grace)
         # one deadline for both: sessions finish their transactions while deliveries finish
@@ -292,10 +318,103 @@ async def _serve(settings: Settings, spool: Spool, stop: asyncio.Event, running:
     log.info("stopped")
 
 
-def reload(ingress: Ingress) -> None:
-    """SIGHUP: load the listeners' certificates again (the queue and sessions are untouched)."""
-    log.info("SIGHUP received: reloading TLS certificates")
-    ingress.reload_tls()
+class Reloader:
+    """SIGHUP: read the configuration again and apply what can change while running."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[], Settings],
+        ingress: Ingress,
+        deliveries: Deliveries,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self._load = load
+        self._ingress = ingress
+        self._deliveries = deliveries
+        self._metrics = metrics
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        async with self._lock:  # a second SIGHUP waits for the first
+            sd_notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                await self._reload()
+            except Exception:  # never take the daemon down for a reload
+                log.exception("reload failed; the running configuration stays")
+            finally:
+                sd_notify("READY=1", "STATUS=ready")
+
+    async def _reload(self) -> None:
+        log.info("SIGHUP received: reloading the configuration")
+        old = self.settings
+        try:
+            new = await asyncio.to_thread(self._load)
+            reloadable(old, new)
+            listeners = await asyncio.to_thread(build_listeners, new)
+        except ConfigError as exc:
+            problems = "; ".join(f"{key}: {reason}" for key, reason in exc.problems)
+            log.error("reload refused, the running configuration stays: %s", problems)
+            return
+        for secret in secrets_of(new):
+            register_secret(secret)
+        await self._ingress.apply(listeners, IngressLimits.from_settings(new.smtp))
+        self._ingress.handler.route = router(new)
+        for name, upstream in new.all_upstreams().items():
+            if upstream != old.all_upstreams()[name] or new.smtp.hostname != old.smtp.hostname:
+                built = build_upstream(name, upstream, new, self._metrics)
+                self._deliveries.reconfigure(
+                    name, built, notice_sender(upstream, new.smtp.hostname)
+                )
+        logging.getLogger().setLevel(new.log.level.upper())
+        self.settings = new
+        later = restart_needed(old, new)
+        if later:
+            log.warning("reloaded; these changes take effect after a restart: %s", ", ".join(later))
+        log.info(
+            "reloaded: %d listeners, %d upstreams, %d routes",
+            len(listeners),
+            len(new.all_upstreams()),
+            len(new.route),
+        )
+
+
+def reloadable(old: Settings, new: Settings) -> None:
+    """Raise ConfigError for a change a reload cannot make."""
+    if set(old.all_upstreams()) != set(new.all_upstreams()):
+        raise ConfigError(
+            [("upstreams", "adding or removing an upstream needs a restart (systemctl restart)")]
+        )
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    return [
+        upstream.oauth.client_secret.get_secret_value()
+        for upstream in settings.all_upstreams().values()
+        if upstream.oauth.client_secret is not None
+    ]
+
+
+def _start_watchdog() -> asyncio.Task[None] | None:
+    """WATCHDOG=1 at half of WatchdogSec=, from the event loop itself: a loop that is stuck
+    stops the pings, and systemd restarts the service."""
+    interval = watchdog_interval()
+    if interval is None:
+        return None
+
+    async def ping() -> None:
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    return asyncio.get_running_loop().create_task(ping())
 
 
 def local_users(settings: Settings) -> dict[str, LocalUser]:

@@ -249,6 +249,19 @@ class Delivery:
         fix = f"; fix: {hint}" if hint else ""
         log.error("upstream %s paused for %.0fs (%s): %s%s", name, seconds, kind, reason, fix)
 
+    def replace_upstream(self, upstream: Upstream) -> None:
+        """A reload changed this upstream's settings (credentials, sender policy, host): new
+        sessions use them. A pause for anything but throttling ends now, because the reload
+        may be its fix; the messages it held back are due again at once."""
+        self._upstream = upstream
+        if self.paused and self._pause_kind != "throttled":
+            held_until = self._paused_until
+            self._paused_until = self._clock()
+            moved = self.scheduler.bring_forward(held_until)
+            log.info(
+                "upstream %s reconfigured: trying again now (%d messages due)", upstream.name, moved
+            )
+
     def _resume(self) -> None:
         if self._session_failures:
             log.info("upstream %s works again", self._upstream.name)

@@ -44,7 +44,8 @@ from relay.policy import (
     recipient_domain_allowed,
     recipient_limit_reached,
 )
-from relay.servertls import TlsConfigError, load_certificate, server_context
+from relay.servertls import configure as configure_tls
+from relay.servertls import server_context
 from relay.smtpdata import DataAborted, DataReader
 from relay.spool import Spool, new_queue_id
 
@@ -129,10 +130,22 @@ class Listener:
     def implicit_tls(self) -> bool:
         return self.settings.tls == "implicit"
 
-    def reload_tls(self) -> None:
-        """Load the certificate files again into the live context (SIGHUP)."""
+    def can_become(self, other: Listener) -> bool:
+        """`other` can replace this one in place: same address and TLS mode (an implicit TLS
+        server's context is fixed when it binds)."""
+        return (
+            self.settings.address == other.settings.address
+            and self.settings.tls == other.settings.tls
+        )
+
+    def become(self, other: Listener) -> None:
+        """Take `other`'s settings, allowlist, users and TLS versions and certificate. Open
+        sessions keep their connection; their next command sees the new policy."""
         if self.tls_context is not None:
-            load_certificate(self.tls_context, self.settings)
+            configure_tls(self.tls_context, other.settings)
+        self.settings = other.settings
+        self.networks = other.networks
+        self.users = other.users
 
 
 def peer_host(peer: Any) -> str:
@@ -249,9 +262,9 @@ class RelayHandler:
         clock: Callable[[], float] = time.time,
         route: Callable[[str, str, str], str] | None = None,
     ) -> None:
-        self._route = route
+        self.route = route
         self._spool = spool
-        self._limits = limits
+        self.limits = limits
         self._metrics = metrics
         self._on_commit = on_commit
         self._clock = clock
@@ -272,7 +285,7 @@ class RelayHandler:
             for line in responses[:-1]
             if (offers_auth or not line.startswith("250-AUTH")) and not line.startswith("250-SIZE")
         ]
-        size = f"250-SIZE {self._limits.max_message_size}"
+        size = f"250-SIZE {self.limits.max_message_size}"
         return [greeting, size, *extensions, "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
@@ -283,7 +296,7 @@ class RelayHandler:
             return refusal
         if not valid_utf8(address):
             return str(replies.BAD_ADDRESS)
-        if declared_size(options) > self._limits.max_message_size:
+        if declared_size(options) > self.limits.max_message_size:
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.MESSAGE_TOO_BIG)
         refusal = self._sender_refusal(server, session, address)
@@ -298,7 +311,7 @@ class RelayHandler:
         """Why this session may not start a transaction now, as a reply; None if it may."""
         if not isinstance(server, RelaySMTP):
             return None
-        if server.messages >= self._limits.max_messages_per_session:
+        if server.messages >= self.limits.max_messages_per_session:
             self._metrics.received.labels(result="refused_limit").inc()
             server.close_after_reply()
             return str(replies.TOO_MANY_MESSAGES)
@@ -346,7 +359,7 @@ class RelayHandler:
             )
             self._metrics.received.labels(result="refused_policy").inc()
             return str(replies.RELAY_DENIED)
-        if recipient_limit_reached(len(envelope.rcpt_tos), self._limits.max_recipients):
+        if recipient_limit_reached(len(envelope.rcpt_tos), self.limits.max_recipients):
             self._metrics.received.labels(result="too_many_recipients").inc()
             return str(replies.TOO_MANY_RECIPIENTS)
         envelope.rcpt_tos.append(address)
@@ -357,14 +370,14 @@ class RelayHandler:
         body = envelope.original_content or b""
         if isinstance(envelope.content, bytes) and not body:
             body = envelope.content
-        if len(body) > self._limits.max_message_size:
+        if len(body) > self.limits.max_message_size:
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.MESSAGE_TOO_BIG)
-        if header_too_large(body, self._limits.max_header_size):
+        if header_too_large(body, self.limits.max_header_size):
             log.warning(
                 "refused a message from %s: header block over %d bytes",
                 peer_host(session.peer),
-                self._limits.max_header_size,
+                self.limits.max_header_size,
             )
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.HEADER_TOO_BIG)
@@ -409,17 +422,17 @@ class RelayHandler:
         return str(replies.queued(queue_id))
 
     def _upstream_for(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self._route is None:
+        if self.route is None:
             return ""
         listener = getattr(server, "listener", "")
-        name = self._route(envelope.mail_from or "", peer_host(session.peer), listener)
+        name = self.route(envelope.mail_from or "", peer_host(session.peer), listener)
         return "" if name == "default" else name
 
     def _normalize(self, envelope: Envelope, body: bytes) -> Normalized:
         return normalize_message(
             body,
             envelope_from=envelope.mail_from or "",
-            hostname=self._limits.hostname,
+            hostname=self.limits.hostname,
             now=datetime.fromtimestamp(self._clock(), UTC),
             smtputf8=envelope.smtp_utf8,
         )
@@ -438,7 +451,7 @@ class RelayHandler:
         return received_header(
             helo=helo,
             client=client,
-            hostname=self._limits.hostname,
+            hostname=self.limits.hostname,
             protocol=protocol,
             queue_id=queue_id,
             stamp=stamp,
@@ -483,7 +496,7 @@ class RelayHandler:
             log.warning(
                 "client %s was silent for %.0fs during DATA: connection closed, nothing accepted",
                 client,
-                self._limits.data_timeout,
+                self.limits.data_timeout,
             )
             self._metrics.received.labels(result="aborted").inc()
         else:
@@ -894,29 +907,60 @@ class Ingress:
         self.bound: list[tuple[str, int]] = []
 
     async def start(self, listeners: Sequence[Listener]) -> None:
-        loop = asyncio.get_running_loop()
         for listener in listeners:
-            host, port = parse_host_port(listener.settings.address)
-            server = await loop.create_server(
-                self._protocol_factory(listener),
-                host,
-                port,
-                ssl=listener.tls_context if listener.implicit_tls else None,
-                ssl_handshake_timeout=min(60.0, self.limits.command_timeout)
-                if listener.implicit_tls
-                else None,
+            await self._listen(listener)
+        self._note_bound()
+
+    async def _listen(self, listener: Listener) -> None:
+        host, port = parse_host_port(listener.settings.address)
+        server = await asyncio.get_running_loop().create_server(
+            self._protocol_factory(listener),
+            host,
+            port,
+            ssl=listener.tls_context if listener.implicit_tls else None,
+            ssl_handshake_timeout=min(60.0, self.limits.command_timeout)
+            if listener.implicit_tls
+            else None,
+        )
+        self._servers.append(server)
+        self.listeners.append(listener)
+        if listener.settings.legacy_tls:
+            log.warning(
+                "listener %s accepts TLS %s: for old devices only, it is not secure",
+                listener.name,
+                listener.settings.tls_min_version,
             )
-            self._servers.append(server)
-            self.listeners.append(listener)
-            for sock in server.sockets:
-                name = sock.getsockname()
-                self.bound.append((str(name[0]), int(name[1])))
-            if listener.settings.legacy_tls:
-                log.warning(
-                    "listener %s accepts TLS %s: for old devices only, it is not secure",
-                    listener.name,
-                    listener.settings.tls_min_version,
-                )
+
+    def _note_bound(self) -> None:
+        self.bound = [
+            (str(name[0]), int(name[1]))
+            for server in self._servers
+            for name in (sock.getsockname() for sock in server.sockets)
+        ]
+
+    async def apply(self, listeners: Sequence[Listener], limits: IngressLimits) -> None:
+        """A reload: new sessions get the new limits; each listener is changed in place when
+        it can be, closed and opened again when its address or TLS mode changed, opened or
+        closed when it was added or removed. Open sessions are never dropped."""
+        self.limits = limits
+        self.handler.limits = limits
+        old = list(zip(self.listeners, self._servers, strict=True))
+        self.listeners, self._servers = [], []
+        for listener in listeners:
+            match = next((pair for pair in old if pair[0].can_become(listener)), None)
+            if match is not None:
+                old.remove(match)
+                match[0].become(listener)
+                self.listeners.append(match[0])
+                self._servers.append(match[1])
+        for listener, server in old:
+            log.info("listener %s closed by the reload (open sessions finish)", listener.name)
+            server.close()
+        for listener in listeners:
+            if not any(kept.settings is listener.settings for kept in self.listeners):
+                await self._listen(listener)
+                log.info("listener %s opened by the reload", listener.name)
+        self._note_bound()
 
     def _protocol_factory(self, listener: Listener) -> Callable[[], RelaySMTP]:
         def factory() -> RelaySMTP:
@@ -930,18 +974,6 @@ class Ingress:
             )
 
         return factory
-
-    def reload_tls(self) -> None:
-        """Load every listener's certificate again (SIGHUP); a failure keeps the old one."""
-        for listener in self.listeners:
-            if listener.tls_context is None:
-                continue
-            try:
-                listener.reload_tls()
-            except TlsConfigError as exc:
-                log.error("listener %s keeps its certificate: %s", listener.name, exc)
-            else:
-                log.info("listener %s: certificate reloaded", listener.name)
 
     @property
     def listening(self) -> bool:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -141,3 +142,31 @@ def owner_name(path: Path) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def sd_notify(*assignments: str) -> bool:
+    """Tell the service manager about our state (sd_notify(3): READY=1, RELOADING=1,
+    STOPPING=1, WATCHDOG=1, STATUS=...). A no-op, returning False, when not started by
+    systemd with Type=notify (no NOTIFY_SOCKET) or where there are no Unix sockets."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    family = getattr(socket, "AF_UNIX", None)
+    if not address or family is None:
+        return False
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(assignments).encode())
+    except OSError:
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec= when it applies to this process, else None."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000

@@ -77,6 +77,20 @@ class Scheduler:
     def poke(self) -> None:
         self._changed.set()
 
+    def bring_forward(self, latest: float) -> int:
+        """Make every message due later than now but by `latest` due now (the reason they
+        waited, a paused upstream, is gone). Returns how many."""
+        now = self._clock()
+        moved = 0
+        for queue_id, (due, state) in list(self._current.items()):
+            if now < due <= latest:
+                self._current[queue_id] = (now, state)
+                heapq.heappush(self._heap, (now, next(self._seq), queue_id, state))
+                moved += 1
+        if moved:
+            self._changed.set()
+        return moved
+
     def state_of(self, queue_id: str) -> State | None:
         """The state the message was scheduled in, or None when it is not scheduled."""
         known = self._current.get(queue_id)

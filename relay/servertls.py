@@ -33,12 +33,17 @@ def server_context(listener: ListenerSettings) -> ssl.SSLContext | None:
     if listener.tls == "none":
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = VERSIONS[listener.tls_min_version]
-    if listener.legacy_tls:
-        context.set_ciphers("DEFAULT:@SECLEVEL=0")
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    load_certificate(context, listener)
+    configure(context, listener)
     return context
+
+
+def configure(context: ssl.SSLContext, listener: ListenerSettings) -> None:
+    """Versions, ciphers and certificate of `listener`, set on a live context: the sessions
+    that start afterwards use them (a reload changes a listener without closing it)."""
+    load_certificate(context, listener)  # first: a bad file changes nothing at all
+    context.minimum_version = VERSIONS[listener.tls_min_version]
+    context.set_ciphers("DEFAULT:@SECLEVEL=0" if listener.legacy_tls else "DEFAULT")
 
 
 def load_certificate(context: ssl.SSLContext, listener: ListenerSettings) -> None:
