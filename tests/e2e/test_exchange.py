@@ -376,7 +376,11 @@ def test_metrics_move_with_accept_defer_and_deliver(
     queue_id = _deliver_once(exchange_relay, exchange)
     exchange.wait_for_messages(1, timeout=20)
     wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, 10, "delivered")
-    m = exchange_relay.metrics()
+    delivered = 'relay_delivery_attempts_total{outcome="delivered",upstream="default"}'
+    # the spool entry goes before the counters move: wait for them, not for the file
+    m = wait_until(
+        lambda: (scrape := exchange_relay.metrics()).get(delivered) and scrape, 10, "counted"
+    )
     assert m['relay_delivery_attempts_total{outcome="deferred",upstream="default"}'] == 1
     assert m['relay_delivery_attempts_total{outcome="delivered",upstream="default"}'] == 1
     assert m["relay_delivery_latency_seconds_count"] == 1
