@@ -141,11 +141,7 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def _secrets(settings: Settings) -> list[str]:
-    return [
-        upstream.oauth.client_secret.get_secret_value()
-        for upstream in settings.all_upstreams().values()
-        if upstream.oauth.client_secret is not None
-    ]
+    return settings.secret_values()
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -467,8 +467,19 @@ def _pem_problems(path: Path) -> list[tuple[str, str]]:
     return []
 
 
+def read_secret_file(path: Path, key: str) -> SecretStr:
+    """A secret from a file (systemd credential, Docker secret), surrounding whitespace off."""
+    try:
+        secret = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise _field_problem(key, f"{str(path)!r} cannot be read ({exc.strerror})") from None
+    if not secret:
+        raise _field_problem(key, f"{str(path)!r} is empty")
+    return SecretStr(secret)
+
+
 class UpstreamSettings(_Section):
-    kind: Literal["exchange-online", "maildir"] = "exchange-online"
+    kind: Literal["exchange-online", "smtp", "maildir"] = "exchange-online"
     host: str = "smtp.office365.com"
     port: int = Field(default=587, ge=1, le=65535)
     mailbox: str = ""
@@ -486,6 +497,18 @@ class UpstreamSettings(_Section):
     )
     send_as: list[str] = Field(default_factory=list)
     from_header: Literal["keep", "rewrite"] = "rewrite"
+    # kind = "smtp" only: any SMTP server (a provider, a smart host, the tenant's MX).
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    allow_plaintext: bool = False
+    auth: Literal["none", "plain", "login"] = "none"
+    username: str = ""
+    password: SecretStr | None = None
+    password_file: OptionalPath = None
+
+    @field_validator("password", mode="before")
+    @classmethod
+    def _empty_password_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value else value
 
     @field_validator("send_as")
     @classmethod
@@ -503,7 +526,7 @@ class UpstreamSettings(_Section):
     def budget(self) -> tuple[int, int]:
         """(messages per minute, recipients per day); 0 = unlimited. Exchange Online's
         per-mailbox limits by default, none for the sandbox."""
-        exchange = self.kind == "exchange-online"
+        exchange = self.kind == "exchange-online"  # a provider's limits are its own to set
         per_minute = self.messages_per_minute
         per_day = self.recipients_per_day
         return (
@@ -515,7 +538,7 @@ class UpstreamSettings(_Section):
         """Sessions open at once to this upstream (Exchange allows 3 per mailbox)."""
         if self.connections is not None:
             return self.connections
-        return 3 if self.kind == "exchange-online" else 64
+        return {"exchange-online": 3, "smtp": 10}.get(self.kind, 64)
 
     @model_validator(mode="after")
     def _complete_for_kind(self) -> UpstreamSettings:
@@ -523,6 +546,8 @@ class UpstreamSettings(_Section):
             if self.path is None:
                 raise ValueError("kind = 'maildir' needs path: the folder delivered mail goes to")
             return self
+        if self.kind == "smtp":
+            return self._complete_smtp()
         problems: list[tuple[str, str]] = []
         if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", self.mailbox):
             problems.append(
@@ -541,6 +566,47 @@ class UpstreamSettings(_Section):
                 {"problems": problems},
             )
         return self
+
+    def _complete_smtp(self) -> UpstreamSettings:
+        if self.password_file is not None:
+            if self.password is not None:
+                raise _field_problem("password_file", "set password or password_file, not both")
+            object.__setattr__(
+                self, "password", read_secret_file(self.password_file, "password_file")
+            )
+        problems = self.smtp_problems()
+        if problems:
+            raise PydanticCustomError(
+                "field_problems", "the smtp upstream is incomplete", {"problems": problems}
+            )
+        return self
+
+    def smtp_problems(self) -> list[tuple[str, str]]:
+        """What is missing or unsafe for kind = "smtp" (empty list: usable)."""
+        problems: list[tuple[str, str]] = []
+        if not self.host.strip():
+            problems.append(("host", "required: the SMTP server, e.g. smtp.sendgrid.net"))
+        if self.tls == "none" and not self.allow_plaintext:
+            problems.append(
+                (
+                    "tls",
+                    'tls = "none" sends mail (and any password) in clear text: set '
+                    "allow_plaintext = true if this server is on a network you trust",
+                )
+            )
+        if self.auth != "none":
+            if not self.username:
+                problems.append(("username", f'auth = "{self.auth}" needs a username'))
+            if self.password is None:
+                problems.append(
+                    ("password", f'auth = "{self.auth}" needs password or password_file')
+                )
+        if self.mailbox:
+            try:
+                SenderPolicy(self.mailbox, tuple(self.send_as), from_header=self.from_header)
+            except ValueError as exc:
+                problems.append(("mailbox", str(exc)))
+        return problems
 
 
 class MetricsSettings(_Section):
@@ -690,6 +756,15 @@ class Settings(BaseSettings):
             for listener in self.listener
         ]
         return plain + explicit
+
+    def secret_values(self) -> list[str]:
+        """Every secret in the settings, for the log redaction."""
+        values = []
+        for upstream in self.all_upstreams().values():
+            for secret in (upstream.oauth.client_secret, upstream.password):
+                if secret is not None:
+                    values.append(secret.get_secret_value())
+        return values
 
     def all_upstreams(self) -> dict[str, UpstreamSettings]:
         """[upstream] as "default", then the named [upstreams.*]."""

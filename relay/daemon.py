@@ -53,6 +53,7 @@ from relay.tokens import MsalTokenProvider
 from relay.upstream import (
     ExchangeOnlineUpstream,
     MaildirUpstream,
+    SmtpUpstream,
     Upstream,
     client_tls_context,
 )
@@ -77,6 +78,8 @@ def build_upstream(
     if upstream.kind == "maildir":
         assert upstream.path is not None
         return MaildirUpstream(upstream.path, name=name)
+    if upstream.kind == "smtp":
+        return smtp_upstream(name, upstream, settings)
     provider = MsalTokenProvider(upstream.oauth)
     metrics.token_expiry.labels(upstream=name).set_function(
         lambda: max(0.0, provider.expires_at - time.time())
@@ -395,11 +398,7 @@ def reloadable(old: Settings, new: Settings) -> None:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    return [
-        upstream.oauth.client_secret.get_secret_value()
-        for upstream in settings.all_upstreams().values()
-        if upstream.oauth.client_secret is not None
-    ]
+    return settings.secret_values()
 
 
 def _start_watchdog() -> asyncio.Task[None] | None:
@@ -437,9 +436,33 @@ def build_listeners(settings: Settings) -> list[Listener]:
     return listeners
 
 
+def smtp_upstream(name: str, upstream: UpstreamSettings, settings: Settings) -> SmtpUpstream:
+    section = "upstream" if name == DEFAULT_UPSTREAM else f"upstreams.{name}"
+    policy = (
+        SenderPolicy(upstream.mailbox, tuple(upstream.send_as), from_header=upstream.from_header)
+        if upstream.mailbox
+        else None
+    )
+    return SmtpUpstream(
+        host=upstream.host,
+        port=upstream.port,
+        tls=upstream.tls,
+        auth=upstream.auth,
+        username=upstream.username,
+        password=upstream.password.get_secret_value() if upstream.password else None,
+        tls_context=client_tls_context(upstream.tls_ca_file),
+        timeout=upstream.timeout,
+        local_hostname=settings.smtp.hostname,
+        policy=policy,
+        name=name,
+        auth_hint=f"the server refused the login: check [{section}] username, password "
+        "(or password_file) and auth, and the account at the provider",
+    )
+
+
 def notice_sender(upstream: UpstreamSettings, hostname: str) -> str:
     """The From: of failure notices: the mailbox, which may always send as itself."""
-    if upstream.kind == "exchange-online":
+    if upstream.kind != "maildir" and upstream.mailbox:
         return upstream.mailbox
     return f"MAILER-DAEMON@{hostname}"
 

@@ -213,6 +213,9 @@ class _UpstreamProbe:
             return
         addresses = await self.dns()
         await self.tcp(addresses)
+        if self.upstream.kind == "smtp":
+            await self.smtp_server()
+            return
         await self.tls()
         token, local_expiry = await self.token()
         claims = self.claims(token, local_expiry)
@@ -317,6 +320,70 @@ class _UpstreamProbe:
                 wrong_endpoint,
             )
         self.checks.ok("tls", f"{detail}; AUTH XOAUTH2 offered")
+
+    async def smtp_server(self) -> None:
+        """kind = "smtp": the session the relay would open (its TLS mode and login), then
+        MAIL FROM for the mailbox and each send-as address when a mailbox is set."""
+        upstream = self.upstream
+        client = aiosmtplib.SMTP(
+            hostname=upstream.host,
+            port=upstream.port,
+            use_tls=upstream.tls == "implicit",
+            start_tls=upstream.tls == "starttls",
+            tls_context=client_tls_context(upstream.tls_ca_file),
+            timeout=self.seconds,
+            local_hostname=self.settings.smtp.hostname,
+        )
+        try:
+            try:
+                await client.connect()
+            except (aiosmtplib.SMTPException, ssl.SSLError, OSError, TimeoutError) as exc:
+                self.checks.fail(
+                    "tls", f"{upstream.host}:{upstream.port}: {_text(exc)}", self.tls_fix(exc)
+                )
+            if upstream.tls == "none":
+                self.checks.warn(
+                    "tls",
+                    f"{upstream.host}:{upstream.port} answers; mail goes in clear text",
+                    'use tls = "starttls" if the server offers it',
+                )
+            else:
+                self.checks.ok("tls", _tls_detail(client))
+            await self.smtp_login(client)
+            if upstream.mailbox:
+                await self.senders(client)
+        finally:
+            await _quit(client)
+
+    async def smtp_login(self, client: aiosmtplib.SMTP) -> None:
+        upstream = self.upstream
+        if upstream.auth == "none" or upstream.password is None:
+            return
+        login = client.auth_plain if upstream.auth == "plain" else client.auth_login
+        try:
+            if client.is_ehlo_or_helo_needed:
+                await client.ehlo()
+            response = await login(upstream.username, upstream.password.get_secret_value())
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            self.checks.fail(
+                "auth",
+                f"AUTH {upstream.auth.upper()} as {upstream.username} refused: "
+                f"{SmtpReply.parse(exc.code, exc.message)}",
+                "check username and password (or password_file); at a provider, that the "
+                "API key may send by SMTP",
+            )
+        except aiosmtplib.SMTPException as exc:
+            self.checks.fail(
+                "auth",
+                f"AUTH {upstream.auth.upper()} failed: {_text(exc)}",
+                f'the server does not offer AUTH {upstream.auth.upper()}: try auth = "plain" '
+                'or "login", or TLS first (tls = "starttls")',
+            )
+        self.checks.ok(
+            "auth",
+            f"AUTH {upstream.auth.upper()} as {upstream.username}: {response.code} "
+            f"{response.message}",
+        )
 
     def tls_fix(self, exc: BaseException) -> str:
         host, port = self.upstream.host, self.upstream.port

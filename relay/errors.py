@@ -60,10 +60,13 @@ class TokenError(RelayError):
 class UpstreamError(RelayError):
     """The upstream failed at session level (connect, TLS, AUTH); `reply` when it answered."""
 
-    def __init__(self, stage: str, detail: str, reply: SmtpReply | None = None) -> None:
+    def __init__(
+        self, stage: str, detail: str, reply: SmtpReply | None = None, hint: str = ""
+    ) -> None:
         self.stage = stage
         self.detail = detail
         self.reply = reply
+        self.hint = hint  # what to fix, when the upstream knows better than the reply table
         super().__init__(f"upstream {stage}: {reply if reply is not None else detail}")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from relay.errors import TokenError, UpstreamError, UpstreamTimeout
@@ -215,7 +215,8 @@ REPLY_RULES: tuple[Rule, ...] = (
     _tenant_problem(
         "5.7.57",
         "not authenticated: a relay or configuration bug",
-        "the upstream saw no AUTH: check host and port (smtp.office365.com:587)",
+        "the upstream wants a login first: for Exchange Online check host and port "
+        '(smtp.office365.com:587); for kind = "smtp" set auth, username and password',
     ),
     Rule(
         Verdict.DEFER,
@@ -225,7 +226,8 @@ REPLY_RULES: tuple[Rule, ...] = (
         pause=TENANT_PAUSE,
         note="530 at MAIL: authentication required, whatever the enhanced code says",
         action=Action.PAUSE_UPSTREAM,
-        hint="the upstream saw no AUTH: check host and port (smtp.office365.com:587)",
+        hint="the upstream wants a login first: for Exchange Online check host and port "
+        '(smtp.office365.com:587); for kind = "smtp" set auth, username and password',
     ),
     _tenant_problem(
         "5.2.2",
@@ -324,7 +326,7 @@ def classify_error(error: BaseException, *, after_data_sent: bool = False) -> De
         decision = classify_reply(_stage(error.stage), error.reply)
         if decision.verdict is Verdict.DELIVERED:
             return Decision(Verdict.DEFER, error.reply, session_ok=False)
-        return decision
+        return replace(decision, hint=error.hint) if error.hint else decision
     if isinstance(error, TokenError):
         return Decision(
             Verdict.DEFER,

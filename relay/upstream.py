@@ -4,6 +4,8 @@ One job: speak to one upstream and report, per recipient, the stage and reply th
 It decides nothing (policy.py does) and touches no spool state. Two kinds:
 - ExchangeOnlineUpstream: aiosmtplib to smtp.office365.com:587, STARTTLS required (TLS 1.2+,
   certificate verified), AUTH XOAUTH2 with a token from the injected async token provider.
+- SmtpUpstream: any SMTP server (provider, smart host, MX connector), STARTTLS / implicit TLS
+  / none, AUTH PLAIN or LOGIN with a password, or no AUTH. The same session class sends.
 - MaildirUpstream: the sandbox; writes each message into a Maildir folder.
 Library exceptions become UpstreamError(stage, detail, reply) here and nowhere else.
 """
@@ -302,6 +304,77 @@ class ExchangeOnlineUpstream:
         if token is not None and token != self._refreshed_for:
             self._refreshed_for = token
             await self._invalidate()
+
+
+# --- any SMTP server -------------------------------------------------------------------------
+
+
+class SmtpUpstream:
+    """Any SMTP server: a provider (SendGrid, Mailjet, Brevo, SMTP2Go), a smart host, the
+    tenant's MX endpoint. TLS: STARTTLS required, implicit (port 465), or none when the config
+    allows clear text; AUTH PLAIN or LOGIN with a password, or none."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        tls: str,
+        auth: str,
+        username: str,
+        password: str | None,
+        tls_context: ssl.SSLContext,
+        timeout: float,
+        local_hostname: str,
+        policy: SenderPolicy | None = None,
+        name: str = "smtp",
+        auth_hint: str = "",
+    ) -> None:
+        self.name = name
+        self._host, self._port, self._tls, self._auth = host, port, tls, auth
+        self._username, self._password = username, password
+        self._context, self._timeout, self._helo = tls_context, timeout, local_hostname
+        self._policy = policy
+        self._auth_hint = auth_hint
+
+    def __repr__(self) -> str:
+        return f"SmtpUpstream({self.name!r}, {self._host}:{self._port}, tls={self._tls})"
+
+    async def open(self) -> ExchangeOnlineSession:
+        client = aiosmtplib.SMTP(
+            hostname=self._host,
+            port=self._port,
+            use_tls=self._tls == "implicit",
+            start_tls=self._tls == "starttls",
+            tls_context=self._context,
+            timeout=self._timeout,
+            local_hostname=self._helo,
+        )
+        try:
+            await client.connect()
+            await self._login(client)
+        except (Exception, asyncio.CancelledError) as exc:
+            client.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            error = _connect_error(exc)
+            if error.stage == "auth":
+                error.hint = self._auth_hint
+            raise error from None
+        return ExchangeOnlineSession(client, None, self._policy)
+
+    async def _login(self, client: aiosmtplib.SMTP) -> None:
+        if self._auth == "none" or self._password is None:
+            return
+        if client.is_ehlo_or_helo_needed:  # after STARTTLS the server forgot the EHLO
+            await client.ehlo()
+        if self._auth == "plain":
+            await client.auth_plain(self._username, self._password)
+        else:
+            await client.auth_login(self._username, self._password)
+
+    async def token_refused(self) -> None:
+        return None
 
 
 # --- the sandbox: a Maildir --------------------------------------------------------------------

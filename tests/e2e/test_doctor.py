@@ -333,3 +333,38 @@ def test_listener_certificates_are_checked(tmp_path: Path, days: int, status: st
     assert step["status"] == status, step
     assert "listener smtps" in step["detail"]
     assert code == (1 if status == "FAIL" else 0)
+
+
+@pytest.mark.parametrize(("password", "status"), [("right-password", "ok"), ("Wr0ng-pa55", "FAIL")])
+def test_doctor_checks_an_smtp_provider(
+    tmp_path: Path, pki: TestPKI, password: str, status: str
+) -> None:
+    from tests.fakes.smtpserver import FakeSmtpProvider
+
+    with FakeSmtpProvider(
+        tls="starttls", tls_context=pki.server_context(), credentials=("apikey", "right-password")
+    ) as fake:
+        sections = {
+            "smtp": {"listen": ["127.0.0.1:0"], "allow": ["127.0.0.1/32"]},
+            "spool": {"path": str(tmp_path / "spool")},
+            "upstream": {
+                "kind": "smtp",
+                "host": "127.0.0.1",
+                "port": fake.port,
+                "tls_ca_file": str(pki.ca_file),
+                "auth": "login",
+                "username": "apikey",
+                "password": password,
+                "mailbox": "noreply@contoso.com",
+            },
+        }
+        code, steps = doctor_json(write_config(tmp_path / "smtp.toml", sections))
+    assert [s["name"] for s in steps][:5] == ["config", "spool", "dns", "tcp", "tls"]
+    auth = next(s for s in steps if s["name"] == "auth")
+    assert auth["status"] == status, auth
+    if status == "ok":
+        assert code == 0 and steps[-1]["name"] == "send-as"
+        assert "TLSv1." in next(s for s in steps if s["name"] == "tls")["detail"]
+    else:
+        assert code == 1 and "username and password" in auth["fix"]
+        assert "Wr0ng-pa55" not in json.dumps(steps)

@@ -30,6 +30,7 @@ EXAMPLES = sorted(CONFIG_DIR.glob("*.toml"))
 # Which kind of file each *_file key holds.
 FILE_KEYS = {
     "client_secret_file": "secret",
+    "password_file": "secret",
     "certificate_file": "cert_and_key",
     "tls_cert_file": "cert_and_key",
     "tls_key_file": "key",
