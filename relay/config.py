@@ -384,6 +384,10 @@ class DeliverySettings(_Section):
         return self
 
 
+EXCHANGE_SCOPE = "https://outlook.office365.com/.default"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+
+
 class OAuthSettings(_Section):
     tenant_id: str = ""
     client_id: str = ""
@@ -392,7 +396,7 @@ class OAuthSettings(_Section):
     certificate_file: OptionalPath = None
     authority: str = "https://login.microsoftonline.com"
     ca_file: OptionalFile = None
-    scope: str = "https://outlook.office365.com/.default"
+    scope: str = EXCHANGE_SCOPE  # kind = "graph": GRAPH_SCOPE unless set
     timeout: Duration = 30.0
 
     @field_validator("client_secret", mode="before")
@@ -479,7 +483,7 @@ def read_secret_file(path: Path, key: str) -> SecretStr:
 
 
 class UpstreamSettings(_Section):
-    kind: Literal["exchange-online", "smtp", "maildir"] = "exchange-online"
+    kind: Literal["exchange-online", "graph", "smtp", "maildir"] = "exchange-online"
     host: str = "smtp.office365.com"
     port: int = Field(default=587, ge=1, le=65535)
     mailbox: str = ""
@@ -497,6 +501,9 @@ class UpstreamSettings(_Section):
     )
     send_as: list[str] = Field(default_factory=list)
     from_header: Literal["keep", "rewrite"] = "rewrite"
+    # kind = "graph" only: Microsoft Graph sendMail (national clouds: their Graph endpoint).
+    graph_base_url: str = "https://graph.microsoft.com/v1.0"
+    max_request_size: int = Field(default=4 * 1024 * 1024, ge=65536)  # Graph's request limit
     # kind = "smtp" only: any SMTP server (a provider, a smart host, the tenant's MX).
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     allow_plaintext: bool = False
@@ -526,7 +533,7 @@ class UpstreamSettings(_Section):
     def budget(self) -> tuple[int, int]:
         """(messages per minute, recipients per day); 0 = unlimited. Exchange Online's
         per-mailbox limits by default, none for the sandbox."""
-        exchange = self.kind == "exchange-online"  # a provider's limits are its own to set
+        exchange = self.kind in ("exchange-online", "graph")  # a provider's are its own
         per_minute = self.messages_per_minute
         per_day = self.recipients_per_day
         return (
@@ -538,7 +545,7 @@ class UpstreamSettings(_Section):
         """Sessions open at once to this upstream (Exchange allows 3 per mailbox)."""
         if self.connections is not None:
             return self.connections
-        return {"exchange-online": 3, "smtp": 10}.get(self.kind, 64)
+        return {"exchange-online": 3, "graph": 4, "smtp": 10}.get(self.kind, 64)
 
     @model_validator(mode="after")
     def _complete_for_kind(self) -> UpstreamSettings:
@@ -548,6 +555,8 @@ class UpstreamSettings(_Section):
             return self
         if self.kind == "smtp":
             return self._complete_smtp()
+        if self.kind == "graph" and self.oauth.scope == EXCHANGE_SCOPE:
+            object.__setattr__(self.oauth, "scope", GRAPH_SCOPE)
         problems: list[tuple[str, str]] = []
         if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", self.mailbox):
             problems.append(
@@ -559,10 +568,15 @@ class UpstreamSettings(_Section):
             except ValueError as exc:
                 problems.append(("mailbox", str(exc)))
         problems.extend((f"oauth.{key}", reason) for key, reason in self.oauth.problems())
+        if self.kind == "graph":
+            if "graph." not in self.oauth.scope:
+                problems.append(("oauth.scope", f"kind = 'graph' needs {GRAPH_SCOPE}"))
+            if not self.graph_base_url.startswith("https://"):
+                problems.append(("graph_base_url", "must be an https:// URL"))
         if problems:
             raise PydanticCustomError(
                 "field_problems",
-                "the exchange-online upstream is incomplete",
+                f"the {self.kind} upstream is incomplete",
                 {"problems": problems},
             )
         return self
@@ -715,18 +729,19 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _one_upstream_per_mailbox(self) -> Settings:
         """Exchange's limits are per mailbox: two upstreams on one mailbox would each pace as if
-        alone, and together exceed them."""
-        seen: dict[str, str] = {}
+        alone, and together exceed them. (One SMTP AUTH and one Graph upstream on the same
+        mailbox are allowed: one is the other's way out when SMTP AUTH is off.)"""
+        seen: dict[tuple[str, str], str] = {}
         problems = []
         for name, upstream in self.all_upstreams().items():
-            if upstream.kind != "exchange-online":
+            if upstream.kind not in ("exchange-online", "graph"):
                 continue
-            mailbox = upstream.mailbox.lower()
-            if mailbox in seen:
+            key = (upstream.kind, upstream.mailbox.lower())
+            if key in seen:
                 problems.append(
-                    (f"upstreams.{name}.mailbox", f"{mailbox} is already used by {seen[mailbox]!r}")
+                    (f"upstreams.{name}.mailbox", f"{key[1]} is already used by {seen[key]!r}")
                 )
-            seen.setdefault(mailbox, name)
+            seen.setdefault(key, name)
         if problems:
             raise PydanticCustomError("field_problems", "mailboxes repeat", {"problems": problems})
         return self

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from relay.bounces import Bouncer
@@ -31,6 +31,7 @@ from relay.config import (
 )
 from relay.delivery import Delivery, requeue_active
 from relay.errors import ConfigError
+from relay.graph import GraphUpstream
 from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler
 from relay.localauth import LocalUser
 from relay.logs import register_secret
@@ -80,20 +81,9 @@ def build_upstream(
         return MaildirUpstream(upstream.path, name=name)
     if upstream.kind == "smtp":
         return smtp_upstream(name, upstream, settings)
-    provider = MsalTokenProvider(upstream.oauth)
-    metrics.token_expiry.labels(upstream=name).set_function(
-        lambda: max(0.0, provider.expires_at - time.time())
-    )
-
-    async def counted_token() -> str:
-        try:
-            token = await provider()
-        except Exception:
-            metrics.token_requests.labels(result="error").inc()
-            raise
-        metrics.token_requests.labels(result="ok").inc()
-        return token
-
+    counted_token, provider = token_source(name, upstream, metrics)
+    if upstream.kind == "graph":
+        return graph_upstream(name, upstream, settings, counted_token, provider)
     return ExchangeOnlineUpstream(
         host=upstream.host,
         port=upstream.port,
@@ -434,6 +424,58 @@ def build_listeners(settings: Settings) -> list[Listener]:
         except TlsConfigError as exc:
             raise ConfigError([(f"listener {listener.label}", str(exc))]) from None
     return listeners
+
+
+def token_source(
+    name: str, upstream: UpstreamSettings, metrics: Metrics
+) -> tuple[Callable[[], Awaitable[str]], MsalTokenProvider]:
+    """Tokens from MSAL for the upstream's app, counted and with their expiry exported."""
+    provider = MsalTokenProvider(upstream.oauth)
+    metrics.token_expiry.labels(upstream=name).set_function(
+        lambda: max(0.0, provider.expires_at - time.time())
+    )
+
+    async def counted_token() -> str:
+        try:
+            token = await provider()
+        except Exception:
+            metrics.token_requests.labels(result="error").inc()
+            raise
+        metrics.token_requests.labels(result="ok").inc()
+        return token
+
+    return counted_token, provider
+
+
+def graph_upstream(
+    name: str,
+    upstream: UpstreamSettings,
+    settings: Settings,
+    tokens: Callable[[], Awaitable[str]],
+    provider: MsalTokenProvider,
+) -> GraphUpstream:
+    mailbox = upstream.mailbox
+    app = upstream.oauth.client_id
+    return GraphUpstream(
+        base_url=upstream.graph_base_url,
+        mailbox=mailbox,
+        tokens=tokens,
+        invalidate=provider.invalidate,
+        tls_context=client_tls_context(upstream.tls_ca_file),
+        timeout=upstream.timeout,
+        max_request=upstream.max_request_size,
+        policy=SenderPolicy(mailbox, tuple(upstream.send_as), from_header=upstream.from_header),
+        name=name,
+        hints={
+            "token": "Graph refused the token: check that the app has the Mail.Send application "
+            "permission with admin consent, and the tenant and scope (graph.microsoft.com)",
+            "access": f"Graph denied access to {mailbox}: grant Mail.Send (Application) with "
+            f"admin consent, and make sure the app's RBAC scope or application access policy "
+            f"covers {mailbox} (New-ManagementRoleAssignment -App {app} -Role "
+            '"Application Mail.Send" ...)',
+            "mailbox": f"Graph does not know {mailbox}: check [upstream] mailbox",
+        },
+    )
 
 
 def smtp_upstream(name: str, upstream: UpstreamSettings, settings: Settings) -> SmtpUpstream:

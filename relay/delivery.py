@@ -489,6 +489,12 @@ class Delivery:
             if decision.pause:
                 kind = "throttled" if decision.pause <= RATE_PAUSE else "configuration"
                 self._pause(decision.pause, str(decision.reply), kind, decision.hint)
+            elif decision.action is Action.PAUSE_UPSTREAM:  # refused mid-session (Graph 403)
+                self._session_failures += 1
+                pause = backoff(
+                    self._session_failures, PAUSE_INITIAL, self._settings.retry_max, self._rand()
+                )
+                self._pause(pause, str(decision.reply), "configuration", decision.hint)
         if any(d.refresh_token for d in decisions):
             await self._upstream.token_refused()
 

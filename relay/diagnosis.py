@@ -87,6 +87,10 @@ def describe_claims(claims: Mapping[str, Any]) -> str:
     )
 
 
+GRAPH_AUDIENCES = frozenset({"https://graph.microsoft.com", "00000003-0000-0000-c000-000000000000"})
+GRAPH_ROLE = "Mail.Send"
+
+
 def check_claims(
     claims: Mapping[str, Any],
     *,
@@ -94,6 +98,7 @@ def check_claims(
     client_id: str,
     now: float,
     local_expiry: float | None = None,
+    graph: bool = False,
 ) -> list[Finding]:
     """Everything in the claims that Exchange Online would refuse, worst first. An empty list
     means the token looks right. `local_expiry` is now + the `expires_in` Entra answered with:
@@ -101,7 +106,16 @@ def check_claims(
     by five minutes, so those say nothing about the clock)."""
     findings: list[Finding] = []
     audience = str(claims.get("aud", "")).rstrip("/")
-    if audience not in EXCHANGE_AUDIENCES:
+    if graph and audience not in GRAPH_AUDIENCES:
+        findings.append(
+            Finding(
+                False,
+                f"the token is for {audience or 'no audience'}, not Microsoft Graph",
+                'set [upstream.oauth] scope = "https://graph.microsoft.com/.default" (or leave '
+                "it unset)",
+            )
+        )
+    elif not graph and audience not in EXCHANGE_AUDIENCES:
         findings.append(
             Finding(
                 False,
@@ -129,6 +143,18 @@ def check_claims(
             )
         )
     findings.extend(_time_findings(claims, now, local_expiry))
+    if graph:
+        if GRAPH_ROLE not in roles_of(claims):
+            findings.append(
+                Finding(
+                    False,
+                    f"no {GRAPH_ROLE} role in the token: Graph refuses to send",
+                    f"in Entra ID > App registrations > {client_id} > API permissions: add "
+                    f"'Microsoft Graph' > Application permissions > {GRAPH_ROLE}, then "
+                    "'Grant admin consent'",
+                )
+            )
+        return findings
     if SEND_AS_ROLE not in roles_of(claims):
         findings.append(
             Finding(

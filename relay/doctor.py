@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import NoReturn
 
 import aiosmtplib
+import httpx
 
 from relay import diagnosis, sendtest
 from relay.config import Settings, UpstreamSettings, format_duration
@@ -206,10 +207,14 @@ class _UpstreamProbe:
     upstream: UpstreamSettings
     settings: Settings
     seconds: float
+    host_port: tuple[str, int] | None = None
 
     async def run(self) -> None:
         if self.upstream.kind == "maildir":
             await asyncio.to_thread(self.maildir)
+            return
+        if self.upstream.kind == "graph":
+            await self.graph()
             return
         addresses = await self.dns()
         await self.tcp(addresses)
@@ -244,8 +249,13 @@ class _UpstreamProbe:
         unlink_quietly(probe)
         self.checks.ok("maildir", f"{path} is writable (sandbox: mail stays on this machine)")
 
+    @property
+    def target(self) -> tuple[str, int]:
+        """Where DNS and TCP are checked: the SMTP host, or the Graph endpoint's host."""
+        return self.host_port or (self.upstream.host, self.upstream.port)
+
     async def dns(self) -> list[str]:
-        host, port = self.upstream.host, self.upstream.port
+        host, port = self.target
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.seconds):
@@ -262,7 +272,7 @@ class _UpstreamProbe:
         return addresses
 
     async def tcp(self, addresses: list[str]) -> None:
-        port = self.upstream.port
+        host, port = self.target
         errors = []
         for address in addresses[:4]:
             started = time.monotonic()
@@ -281,7 +291,7 @@ class _UpstreamProbe:
         self.checks.fail(
             "tcp",
             "; ".join(errors),
-            f"allow outbound TCP port {port} to {self.upstream.host} in the firewall and any "
+            f"allow outbound TCP port {port} to {host} in the firewall and any "
             "proxy, and check [upstream] port (587 for Exchange Online)",
         )
 
@@ -320,6 +330,42 @@ class _UpstreamProbe:
                 wrong_endpoint,
             )
         self.checks.ok("tls", f"{detail}; AUTH XOAUTH2 offered")
+
+    async def graph(self) -> None:
+        """kind = "graph": DNS and TCP to the Graph host, a token and its claims (audience
+        Graph, role Mail.Send), then GET /users/{mailbox}, which needs the same access as
+        sending (nothing is sent)."""
+        upstream = self.upstream
+        url = httpx.URL(upstream.graph_base_url)
+        self.host_port = (url.host, url.port or 443)
+        addresses = await self.dns()
+        await self.tcp(addresses)
+        token, local_expiry = await self.token()
+        self.claims(token, local_expiry)
+        mailbox = upstream.mailbox
+        probe = f"{upstream.graph_base_url.rstrip('/')}/users/{mailbox}"
+        try:
+            async with httpx.AsyncClient(
+                verify=client_tls_context(upstream.tls_ca_file), timeout=self.seconds
+            ) as client:
+                response = await client.get(probe, headers={"Authorization": f"Bearer {token}"})
+        except httpx.HTTPError as exc:
+            self.checks.fail("mailbox", f"GET {probe}: {_text(exc)}", self.tls_fix(exc))
+        if response.is_success:
+            self.checks.ok("mailbox", f"Graph knows {mailbox} and lets this app use it")
+            return
+        detail = f"GET /users/{mailbox}: {response.status_code} {response.text[:200]}"
+        if response.status_code == 404:
+            self.checks.fail(
+                "mailbox", detail, f"{mailbox} does not exist: check [upstream] mailbox"
+            )
+        self.checks.fail(
+            "mailbox",
+            detail,
+            f"the app may not use {mailbox}: grant Mail.Send (Application) with admin consent, "
+            "and make sure the app's RBAC scope (New-ManagementRoleAssignment -Role "
+            f'"Application Mail.Send") or application access policy covers {mailbox}',
+        )
 
     async def smtp_server(self) -> None:
         """kind = "smtp": the session the relay would open (its TLS mode and login), then
@@ -438,6 +484,7 @@ class _UpstreamProbe:
             client_id=oauth.client_id,
             now=time.time(),
             local_expiry=local_expiry,
+            graph=self.upstream.kind == "graph",
         )
         for finding in findings:
             if not finding.ok:

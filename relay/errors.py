@@ -67,6 +67,7 @@ class UpstreamError(RelayError):
         self.detail = detail
         self.reply = reply
         self.hint = hint  # what to fix, when the upstream knows better than the reply table
+        self.retry_after = 0.0  # seconds the upstream asked to be left alone (Retry-After)
         super().__init__(f"upstream {stage}: {reply if reply is not None else detail}")
 
 

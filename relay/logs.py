@@ -106,7 +106,7 @@ def setup_logging(level: str = "info", fmt: str = "text", secrets: Iterable[str]
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for noisy in ("mail.log", "msal", "urllib3", "asyncio"):
+    for noisy in ("mail.log", "msal", "urllib3", "asyncio", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("mail.log").addFilter(_drop_aiosmtpd_deprecation)
 

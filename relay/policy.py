@@ -326,7 +326,11 @@ def classify_error(error: BaseException, *, after_data_sent: bool = False) -> De
         decision = classify_reply(_stage(error.stage), error.reply)
         if decision.verdict is Verdict.DELIVERED:
             return Decision(Verdict.DEFER, error.reply, session_ok=False)
-        return replace(decision, hint=error.hint) if error.hint else decision
+        if error.hint:
+            decision = replace(decision, hint=error.hint)
+        if error.retry_after:
+            decision = replace(decision, pause=error.retry_after, session_ok=False)
+        return decision
     if isinstance(error, TokenError):
         return Decision(
             Verdict.DEFER,
