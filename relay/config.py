@@ -421,16 +421,8 @@ class OAuthSettings(_Section):
             raise _field_problem(
                 "client_secret_file", "set client_secret or client_secret_file, not both"
             )
-        try:
-            secret = self.client_secret_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise _field_problem(
-                "client_secret_file",
-                f"{str(self.client_secret_file)!r} cannot be read ({exc.strerror})",
-            ) from None
-        if not secret:
-            raise _field_problem("client_secret_file", f"{str(self.client_secret_file)!r} is empty")
-        object.__setattr__(self, "client_secret", SecretStr(secret))
+        secret = read_secret_file(self.client_secret_file, "client_secret_file")
+        object.__setattr__(self, "client_secret", secret)
         return self
 
     def problems(self) -> list[tuple[str, str]]:
