@@ -561,7 +561,7 @@ class UpstreamSettings(_Section):
                 problems.append(("mailbox", str(exc)))
         problems.extend((f"oauth.{key}", reason) for key, reason in self.oauth.problems())
         if self.kind == "graph":
-            if "graph." not in self.oauth.scope:
+            if "outlook." in self.oauth.scope:  # national clouds have other Graph hosts
                 problems.append(("oauth.scope", f"kind = 'graph' needs {GRAPH_SCOPE}"))
             if not self.graph_base_url.startswith("https://"):
                 problems.append(("graph_base_url", "must be an https:// URL"))
@@ -600,6 +600,8 @@ class UpstreamSettings(_Section):
                     "allow_plaintext = true if this server is on a network you trust",
                 )
             )
+        if self.auth == "none" and self.password is not None:
+            problems.append(("auth", 'a password is set but auth = "none": say "plain" or "login"'))
         if self.auth != "none":
             if not self.username:
                 problems.append(("username", f'auth = "{self.auth}" needs a username'))

@@ -346,26 +346,29 @@ class Reloader:
                 sd_notify("READY=1", "STATUS=ready")
 
     async def _reload(self) -> None:
+        """Everything that can fail (the file, certificates, upstream objects, new sockets)
+        is done before anything running changes; then the new parts are swapped in."""
         log.info("SIGHUP received: reloading the configuration")
         old = self.settings
         try:
             new = await asyncio.to_thread(self._load)
             reloadable(old, new)
             listeners = await asyncio.to_thread(build_listeners, new)
-        except ConfigError as exc:
-            problems = "; ".join(f"{key}: {reason}" for key, reason in exc.problems)
-            log.error("reload refused, the running configuration stays: %s", problems)
+            changed = {
+                name: build_upstream(name, upstream, new, self._metrics)
+                for name, upstream in new.all_upstreams().items()
+                if upstream != old.all_upstreams()[name] or new.smtp.hostname != old.smtp.hostname
+            }
+            await self._ingress.apply(listeners, IngressLimits.from_settings(new.smtp))
+        except (ConfigError, OSError, ValueError) as exc:
+            log.error("reload refused, the running configuration stays: %s", _reason(exc))
             return
         for secret in secrets_of(new):
             register_secret(secret)
-        await self._ingress.apply(listeners, IngressLimits.from_settings(new.smtp))
         self._ingress.handler.route = router(new)
-        for name, upstream in new.all_upstreams().items():
-            if upstream != old.all_upstreams()[name] or new.smtp.hostname != old.smtp.hostname:
-                built = build_upstream(name, upstream, new, self._metrics)
-                self._deliveries.reconfigure(
-                    name, built, notice_sender(upstream, new.smtp.hostname)
-                )
+        for name, built in changed.items():
+            sender = notice_sender(new.all_upstreams()[name], new.smtp.hostname)
+            self._deliveries.reconfigure(name, built, sender)
         logging.getLogger().setLevel(new.log.level.upper())
         self.settings = new
         later = restart_needed(old, new)
@@ -377,6 +380,12 @@ class Reloader:
             len(new.all_upstreams()),
             len(new.route),
         )
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ConfigError):
+        return "; ".join(f"{key}: {reason}" for key, reason in exc.problems)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def reloadable(old: Settings, new: Settings) -> None:
@@ -474,6 +483,8 @@ def graph_upstream(
             f"covers {mailbox} (New-ManagementRoleAssignment -App {app} -Role "
             '"Application Mail.Send" ...)',
             "mailbox": f"Graph does not know {mailbox}: check [upstream] mailbox",
+            "setup": "Graph refused the request itself: check graph_base_url (it ends in "
+            "/v1.0) and mailbox (a licensed Exchange Online mailbox)",
         },
     )
 

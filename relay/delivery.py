@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import ParamSpec, Protocol, TypeVar
 
 from relay.config import DeliverySettings
-from relay.errors import CorruptEntry, SpoolError
+from relay.errors import CorruptEntry, SpoolError, UpstreamError
 from relay.logs import redact
 from relay.metrics import Metrics
 from relay.model import Attempt, QueueEntry, RcptState, Recipient
@@ -253,7 +253,11 @@ class Delivery:
         """A reload changed this upstream's settings (credentials, sender policy, host): new
         sessions use them. A pause for anything but throttling ends now, because the reload
         may be its fix; the messages it held back are due again at once."""
-        self._upstream = upstream
+        old, self._upstream = self._upstream, upstream
+        release = getattr(old, "aclose", None)  # Graph: its HTTP connection pool
+        if release is not None:  # later: a worker may still be sending with it
+            loop = asyncio.get_running_loop()
+            loop.call_later(RELEASE_AFTER, lambda: loop.create_task(release()))
         if self.paused and self._pause_kind != "throttled":
             held_until = self._paused_until
             self._paused_until = self._clock()
@@ -281,12 +285,16 @@ class Delivery:
 
     async def _worker(self) -> None:
         session: UpstreamSession | None = None
+        opened_by: Upstream | None = None
         last_used = 0.0
         try:
             while not self._stopping:
-                if session is not None and not session.usable:
+                # a reload replaced the upstream: its sessions carry the old settings
+                stale = session is not None and opened_by is not self._upstream
+                if session is not None and (stale or not session.usable):
                     await session.close()
                     session = None
+                opened_by = self._upstream if session is None else opened_by
                 if self.paused:
                     await self.scheduler.wait(self._pause_left(), ignore_due=True)
                     continue
@@ -444,6 +452,10 @@ class Delivery:
             outcomes = await session.send(entry, body)
         except Exception as exc:
             session.usable = False
+            if _session_level(exc):  # no session after all (Graph: unreachable, 401, 403)
+                self._pacer.release_message()
+                await self._session_failed(entry, exc)
+                return
             decision = classify_error(exc)
             decisions = {r.address: decision for r in entry.pending}
             if decision.ambiguous:
@@ -489,12 +501,6 @@ class Delivery:
             if decision.pause:
                 kind = "throttled" if decision.pause <= RATE_PAUSE else "configuration"
                 self._pause(decision.pause, str(decision.reply), kind, decision.hint)
-            elif decision.action is Action.PAUSE_UPSTREAM:  # refused mid-session (Graph 403)
-                self._session_failures += 1
-                pause = backoff(
-                    self._session_failures, PAUSE_INITIAL, self._settings.retry_max, self._rand()
-                )
-                self._pause(pause, str(decision.reply), "configuration", decision.hint)
         if any(d.refresh_token for d in decisions):
             await self._upstream.token_refused()
 
@@ -644,3 +650,16 @@ async def requeue_active(spool: Spool) -> None:
     requeued = await asyncio.to_thread(requeue)
     if requeued:
         log.warning("requeued %d messages still in flight at shutdown", requeued)
+
+
+RELEASE_AFTER = 600.0  # seconds a replaced upstream's resources are kept for sessions in use
+
+
+def _session_level(error: BaseException) -> bool:
+    """An error raised while sending that means there was no usable session (nothing can have
+    been sent): it pauses the upstream without spending the message's attempt."""
+    return (
+        isinstance(error, UpstreamError)
+        and error.stage in ("connect", "tls", "auth")
+        and not error.retry_after
+    )

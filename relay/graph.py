@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from email.utils import formataddr, getaddresses
+from email.utils import formataddr, getaddresses, parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +39,7 @@ log = logging.getLogger("relay.graph")
 TokenSource = Callable[[], Awaitable[str]]
 Outcomes = dict[str, tuple[Stage, SmtpReply]]
 DEFAULT_RETRY_AFTER = 30.0
+MAX_RETRY_AFTER = 60.0
 TOKEN_TIMEOUT = 90.0
 
 
@@ -52,6 +55,8 @@ def envelope_headers(data: bytes, pending: Sequence[str]) -> bytes:
     """`data` with To:/Cc:/Bcc: made to match the envelope (see the module doc); unchanged
     when they already do. Only those fields are touched; display names are kept as sent."""
     split = data.find(b"\r\n\r\n")
+    if split < 0 and b"\n\n" in data:  # not normalised (bare LF, a fallback path): as is
+        return data
     head, rest = (data[: split + 2], data[split + 2 :]) if split >= 0 else (data, b"")
     fields = _fields(head)
     wanted = {address.lower(): address for address in pending}
@@ -69,7 +74,9 @@ def envelope_headers(data: bytes, pending: Sequence[str]) -> bytes:
             else:
                 dropped = True
     hidden = [original for lowered, original in wanted.items() if lowered not in shown]
-    if not dropped and not hidden and not any(name == "bcc" for name, _ in fields):
+    names = [name for name, _ in fields]
+    single = names.count("to") <= 1 and names.count("cc") <= 1 and "bcc" not in names
+    if not dropped and not hidden and single:
         return data
     new = [(b"To", kept["to"]), (b"Cc", kept["cc"]), (b"Bcc", [("", a) for a in hidden])]
     replacement = b"".join(_field(label, items) for label, items in new if items)
@@ -86,6 +93,15 @@ def envelope_headers(data: bytes, pending: Sequence[str]) -> bytes:
     return b"".join(out) + rest
 
 
+def _address(display: str, address: str) -> str:
+    if not display:
+        return f"<{address}>"
+    try:
+        return formataddr((display, address))
+    except UnicodeError:  # undecodable bytes in the name: keep them, unquoted as sent
+        return f"{display} <{address}>"
+
+
 def _fields(head: bytes) -> list[tuple[str, bytes]]:
     """(lower-case name, raw bytes with CRLF and continuation lines) of each header field."""
     fields: list[tuple[str, bytes]] = []
@@ -100,21 +116,46 @@ def _fields(head: bytes) -> list[tuple[str, bytes]]:
 
 
 def _field(label: bytes, items: list[tuple[str, str]]) -> bytes:
-    addresses = [formataddr(item) if item[0] else f"<{item[1]}>" for item in items]
+    addresses = [_address(display, address) for display, address in items]
     return label + b": " + ",\r\n\t".join(addresses).encode("utf-8", "surrogateescape") + _LINE_END
 
 
 def _error_of(response: httpx.Response) -> tuple[str, str]:
+    """Graph's error code and message; any other body is shown, shortened."""
     try:
-        error = response.json().get("error", {})
+        body = response.json()
     except ValueError:
         return "", response.text[:200]
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return "", str(body)[:200]
     return str(error.get("code", "")), str(error.get("message", ""))[:300]
 
 
-def _retry_after(response: httpx.Response) -> float:
-    value = response.headers.get("Retry-After", "")
-    return float(value) if value.isdigit() else DEFAULT_RETRY_AFTER
+def retry_after(value: str, now: float) -> float:
+    """Seconds from a Retry-After header (seconds or an HTTP date), within [1, 60]: longer
+    throttling is waited out in steps, each one asking again."""
+    seconds = DEFAULT_RETRY_AFTER
+    if value.strip().isdigit():
+        seconds = float(value.strip())
+    elif value.strip():
+        with contextlib.suppress(TypeError, ValueError):
+            seconds = parsedate_to_datetime(value).timestamp() - now
+    return min(MAX_RETRY_AFTER, max(1.0, seconds))
+
+
+# Codes that say something about the message itself (anything else is about the set-up).
+MESSAGE_ERRORS = frozenset(
+    {
+        "ErrorMimeContentInvalid",
+        "ErrorMimeContentInvalidBase64String",
+        "ErrorInvalidRecipients",
+        "ErrorInvalidInternetMessageHeader",
+        "ErrorMessageSizeExceeded",
+        "ErrorInvalidIdMalformed",
+    }
+)
+CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 class GraphSession:
@@ -149,15 +190,19 @@ class GraphSession:
         self, method: str, path: str, *, stage: str, **kwargs: Any
     ) -> dict[str, Any] | SmtpReply:
         """The JSON answer (with its request id), or the reply for a refusal of the message.
-        Raises UpstreamError for what is not the message's fault."""
+        Raises UpstreamError for what is not the message's fault: at the "connect" stage when
+        nothing can have been sent (the upstream pauses, no attempt is spent)."""
         upstream = self._upstream
-        headers = {"Authorization": f"Bearer {self._token}"}
+        headers = {"Authorization": f"Bearer {await upstream.token()}"}  # MSAL's cache
         if "content" in kwargs:
             headers["Content-Type"] = "text/plain"
         try:
             response = await upstream.client.request(
                 method, upstream.user_url + path, headers=headers, **kwargs
             )
+        except CONNECT_ERRORS as exc:
+            self.usable = False
+            raise UpstreamError("connect", f"Graph unreachable: {type(exc).__name__}") from None
         except httpx.TimeoutException:
             self.usable = False
             raise UpstreamTimeout(stage, "Graph did not answer in time") from None
@@ -166,7 +211,11 @@ class GraphSession:
             raise UpstreamError(stage, f"Graph connection failed: {type(exc).__name__}") from None
         request_id = response.headers.get("request-id", "-")
         if response.is_success:
-            answer: dict[str, Any] = response.json() if response.content else {}
+            try:
+                answer = response.json() if response.content else {}
+            except ValueError:
+                answer = {}
+            answer = answer if isinstance(answer, dict) else {}
             answer["_request_id"] = request_id
             return answer
         return self._refusal(response, stage, request_id)
@@ -174,11 +223,11 @@ class GraphSession:
     def _refusal(self, response: httpx.Response, stage: str, request_id: str) -> SmtpReply:
         status = response.status_code
         code, text = _error_of(response)
-        said = f"Graph {status} {code}: {text} [request-id {request_id}]".strip()
-        upstream = self._upstream
-        if status in (429, 503, 504):
+        said = f"Graph {status} {code}: {text} [request-id {request_id}]".replace("  ", " ")
+        hints = self._upstream.hints
+        if status in (429, 503):  # refused before anything was done
             self.usable = False
-            wait = _retry_after(response)
+            wait = retry_after(response.headers.get("Retry-After", ""), time.time())
             error = UpstreamError(
                 "mail",
                 f"Graph throttled ({status}), Retry-After {wait:.0f}s",
@@ -186,27 +235,26 @@ class GraphSession:
             )
             error.retry_after = wait
             raise error
-        if status == 401:
+        if status in (401, 403):  # as a refused login: a new token may carry a role granted since
             self.usable = False
-            raise UpstreamError(
-                "auth", said, SmtpReply(535, "5.7.3", said), hint=upstream.hints["token"]
-            )
-        if status == 403:  # as a refused login: a new token may carry a role granted since
+            hint = hints["token"] if status == 401 else hints["access"]
+            raise UpstreamError("auth", said, SmtpReply(535, "5.7.3", said), hint=hint)
+        if status == 404:
             self.usable = False
-            raise UpstreamError(
-                "auth", said, SmtpReply(535, "5.7.1", said), hint=upstream.hints["access"]
-            )
-        if status == 404 and code == "ErrorInvalidUser":
-            self.usable = False
-            raise UpstreamError(
-                "auth", said, SmtpReply(550, "5.1.1", said), hint=upstream.hints["mailbox"]
-            )
+            hint = hints["mailbox"] if code == "ErrorInvalidUser" else hints["setup"]
+            raise UpstreamError("auth", said, SmtpReply(550, "5.1.1", said), hint=hint)
         if status == 413 or code == "ErrorMessageSizeExceeded":
             return SmtpReply(552, "5.3.4", said)
-        if 400 <= status < 500:
+        if status == 408:
+            self.usable = False
+            raise UpstreamError("mail", said, SmtpReply(451, "4.4.2", said))
+        if 400 <= status < 500 and code in MESSAGE_ERRORS:
             return SmtpReply(554, "5.6.0", said)
+        if 400 <= status < 500:  # about the set-up (a wrong graph_base_url, ...): pause
+            self.usable = False
+            raise UpstreamError("auth", said, SmtpReply(550, "5.7.0", said), hint=hints["setup"])
         self.usable = False
-        if stage == "eod":  # Graph may have sent it: the outcome is unknown
+        if stage == "eod":  # 5xx: Graph may have sent it; the outcome is unknown
             raise UpstreamError("eod", said)
         raise UpstreamError(stage, said, SmtpReply(451, "4.3.0", said))
 
@@ -254,14 +302,24 @@ class GraphUpstream:
             body = rewrite.data
         return base64.b64encode(envelope_headers(body, pending))
 
-    async def open(self) -> GraphSession:
+    async def aclose(self) -> None:
+        """Release the HTTP connections (a reload replaced this upstream)."""
+        await self.client.aclose()
+
+    async def token(self) -> str:
+        """A token from MSAL (its cache: a new one only near expiry), for every request."""
         try:
             async with asyncio.timeout(TOKEN_TIMEOUT):
                 token = await self._tokens()
         except TimeoutError:
             raise TokenError("token_timeout", description="no token in time") from None
         self._last_token = token
-        return GraphSession(self, token)
+        return token
+
+    async def open(self) -> GraphSession:
+        """A session; getting a token first makes a credential problem a session failure
+        (the upstream pauses, no attempt is spent)."""
+        return GraphSession(self, await self.token())
 
     async def token_refused(self) -> None:
         token = self._last_token

@@ -311,6 +311,13 @@ class RelayHandler:
         """Why this session may not start a transaction now, as a reply; None if it may."""
         if not isinstance(server, RelaySMTP):
             return None
+        client = peer_host(session.peer)
+        if not peer_allowed(client, server.spec.networks):  # a reload may have narrowed it
+            if not server.spec.settings.auth_relay_anywhere:
+                log.warning("refused MAIL from %s: no longer in the allow list", client)
+                server.close_after_reply()
+                return str(replies.ACCESS_DENIED)
+            server.must_authenticate = True
         if server.messages >= self.limits.max_messages_per_session:
             self._metrics.received.labels(result="refused_limit").inc()
             server.close_after_reply()
@@ -633,6 +640,8 @@ class RelaySMTP(SMTP):
         """aiosmtpd's idle timer fired: say why (RFC 5321 4.5.3.2), then close."""
         self.timed_out = True
         transport = self.transport
+        if self._eof_sent:  # already ending: the linger timer closes it
+            return
         if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
             transport.write(f"{replies.TIMED_OUT}\r\n".encode())
         super()._timeout_cb()  # type: ignore[no-untyped-call]
@@ -757,6 +766,8 @@ class RelaySMTP(SMTP):
             )
             return AuthResult(success=True, handled=False, auth_data=login)
         async with self._verifications:  # scrypt is slow and big on purpose: two at a time
+            if self._throttle.blocked(client, time.monotonic()):  # blocked while it waited
+                return AuthResult(success=False, handled=False, message=str(replies.AUTH_THROTTLED))
             user = await asyncio.to_thread(authenticate, self.spec.users, login, password)
         if user is None:
             self._throttle.failure(client, time.monotonic())
@@ -912,6 +923,11 @@ class Ingress:
         self._note_bound()
 
     async def _listen(self, listener: Listener) -> None:
+        server = await self._bind(listener)
+        self._servers.append(server)
+        self.listeners.append(listener)
+
+    async def _bind(self, listener: Listener) -> asyncio.Server:
         host, port = parse_host_port(listener.settings.address)
         server = await asyncio.get_running_loop().create_server(
             self._protocol_factory(listener),
@@ -922,14 +938,13 @@ class Ingress:
             if listener.implicit_tls
             else None,
         )
-        self._servers.append(server)
-        self.listeners.append(listener)
         if listener.settings.legacy_tls:
             log.warning(
                 "listener %s accepts TLS %s: for old devices only, it is not secure",
                 listener.name,
                 listener.settings.tls_min_version,
             )
+        return server
 
     def _note_bound(self) -> None:
         self.bound = [
@@ -939,27 +954,52 @@ class Ingress:
         ]
 
     async def apply(self, listeners: Sequence[Listener], limits: IngressLimits) -> None:
-        """A reload: new sessions get the new limits; each listener is changed in place when
-        it can be, closed and opened again when its address or TLS mode changed, opened or
-        closed when it was added or removed. Open sessions are never dropped."""
+        """A reload. New listeners are bound first: if one cannot be (port in use), they are
+        closed again and OSError is raised with nothing else changed. Then listeners are
+        changed in place, the removed ones stop accepting (their open sessions finish), and
+        new sessions get the new limits. Changing the TLS mode of an address needs a restart
+        (an implicit TLS server's context is fixed when it binds): ValueError."""
+        old = list(zip(self.listeners, self._servers, strict=True))
+        matches: list[tuple[Listener, asyncio.Server, Listener]] = []
+        added: list[Listener] = []
+        for listener in listeners:
+            pair = next((p for p in old if p[0].can_become(listener)), None)
+            if pair is not None:
+                old.remove(pair)
+                matches.append((pair[0], pair[1], listener))
+            else:
+                added.append(listener)
+        kept_addresses = {p[0].settings.address for p in old}
+        clash = [
+            listener.name
+            for listener in added
+            if listener.settings.address in kept_addresses
+            and parse_host_port(listener.settings.address)[1] != 0  # port 0: a new port anyway
+        ]
+        if clash:
+            raise ValueError(f"changing the TLS mode of listener {clash[0]} needs a restart")
+        opened: list[tuple[Listener, asyncio.Server]] = []
+        try:
+            for listener in added:
+                opened.append((listener, await self._bind(listener)))
+        except OSError:
+            for _, server in opened:
+                server.close()
+            raise
         self.limits = limits
         self.handler.limits = limits
-        old = list(zip(self.listeners, self._servers, strict=True))
         self.listeners, self._servers = [], []
-        for listener in listeners:
-            match = next((pair for pair in old if pair[0].can_become(listener)), None)
-            if match is not None:
-                old.remove(match)
-                match[0].become(listener)
-                self.listeners.append(match[0])
-                self._servers.append(match[1])
+        for current, server, wanted in matches:
+            current.become(wanted)
+            self.listeners.append(current)
+            self._servers.append(server)
         for listener, server in old:
             log.info("listener %s closed by the reload (open sessions finish)", listener.name)
             server.close()
-        for listener in listeners:
-            if not any(kept.settings is listener.settings for kept in self.listeners):
-                await self._listen(listener)
-                log.info("listener %s opened by the reload", listener.name)
+        for listener, server in opened:
+            self.listeners.append(listener)
+            self._servers.append(server)
+            log.info("listener %s opened by the reload", listener.name)
         self._note_bound()
 
     def _protocol_factory(self, listener: Listener) -> Callable[[], RelaySMTP]:

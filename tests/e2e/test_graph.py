@@ -163,3 +163,36 @@ def test_doctor_checks_the_graph_setup(
     code, steps = doctor()
     assert code == 1
     assert steps[-1]["name"] == "claims" and "Mail.Send" in steps[-1]["fix"]
+
+
+def test_graph_unreachable_pauses_and_is_not_an_ambiguous_outcome(
+    tmp_path: Path, pki: TestPKI, entra: FakeEntra, graph: FakeGraph, relay_factory: RelayFactory
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    sections = graph_config(
+        tmp_path, pki, entra, graph, graph_base_url=f"https://127.0.0.1:{closed}/v1.0"
+    )
+    sections["delivery"]["on_ambiguous"] = "hold"
+    relay = relay_factory(sections)
+    queue_id = submit(relay, ["bob@example.org"])
+    relay.wait_for_log(r"upstream default paused for \d+s \(unreachable\): .*Graph unreachable")
+    metrics = relay.metrics()
+    assert metrics["relay_delivery_ambiguous_total"] == 0
+    assert spool_state(tmp_path / "spool", queue_id) != "hold"
+    assert metrics['relay_delivery_attempts_total{outcome="no_session",upstream="default"}'] >= 1
+
+
+def test_a_graph_setup_error_pauses_instead_of_failing_the_queue(
+    tmp_path: Path, pki: TestPKI, entra: FakeEntra, graph: FakeGraph, relay_factory: RelayFactory
+) -> None:
+    graph.fail_next(400, "BadRequest", "Invalid version: users")
+    relay = relay_factory(graph_config(tmp_path, pki, entra, graph))
+    queue_id = submit(relay, ["bob@example.org"])
+    line = relay.wait_for_log(r"upstream default paused for \d+s \(configuration\)")
+    assert "graph_base_url" in line
+    graph.wait_for_sent(1, TIMEOUT)  # the next try goes through: nothing failed
+    wait_until(lambda: spool_state(tmp_path / "spool", queue_id) is None, TIMEOUT, "delivered")

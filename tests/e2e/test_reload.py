@@ -164,3 +164,46 @@ def test_reloaded_credentials_and_mailbox_end_a_pause_at_once(
         assert "the-secret-id-not-its-value" not in log and CLIENT_SECRET not in log
     finally:
         relay.stop()
+
+
+def test_a_reload_that_cannot_be_applied_changes_nothing(tmp_path: Path) -> None:
+    """A bad CA file for an upstream, found after the listeners were already built: the
+    allowlist must not be widened by a reload that is refused."""
+    config = write_config(tmp_path / "relay.toml", sandbox(tmp_path, ["127.0.0.1/32"]))
+    relay = RelayProcess(config, cwd=tmp_path).start()
+    try:
+        not_a_ca = tmp_path / "not-a-ca.pem"
+        not_a_ca.write_text("this is not a certificate\n")
+        broken = sandbox(tmp_path, ["127.0.0.1/32", "127.0.0.2/32"])
+        broken["upstream"] = {
+            "kind": "smtp",
+            "host": "127.0.0.1",
+            "port": 2,
+            "tls_ca_file": str(not_a_ca),
+        }
+        write_config(config, broken)
+        relay.signal(signal.SIGHUP)
+        relay.wait_for_log(r"reload refused, the running configuration stays: ")
+        assert greeting_from("127.0.0.2", relay.smtp_port).startswith(b"554 5.7.1")
+    finally:
+        relay.stop()
+
+
+def test_a_narrowed_allowlist_applies_to_sessions_already_open(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "relay.toml", sandbox(tmp_path, ["127.0.0.1/32", "127.0.0.2/32"])
+    )
+    relay = RelayProcess(config, cwd=tmp_path).start()
+    try:
+        with smtplib.SMTP(
+            "127.0.0.1", relay.smtp_port, timeout=TIMEOUT, source_address=("127.0.0.2", 0)
+        ) as open_session:
+            open_session.ehlo("scanner")
+            write_config(config, sandbox(tmp_path, ["127.0.0.1/32"]))
+            relay.signal(signal.SIGHUP)
+            relay.wait_for_log(r"reloaded: 1 listeners")
+            code, _ = open_session.mail("scanner@contoso.com")
+            assert code == 554
+        relay.wait_for_log(r"refused MAIL from 127\.0\.0\.2: no longer in the allow list")
+    finally:
+        relay.stop()

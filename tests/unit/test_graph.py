@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import GRAPH_SCOPE, ConfigError, load_settings
-from relay.graph import encoded_size, envelope_headers
+from relay.graph import encoded_size, envelope_headers, retry_after
 
 
 def test_headers_that_match_the_envelope_are_left_alone() -> None:
@@ -116,3 +116,29 @@ def test_smtp_auth_and_graph_may_share_a_mailbox_but_not_two_of_a_kind(tmp_path:
     assert ("upstreams.g2.mailbox", "relay@contoso.com is already used by 'g'") in (
         caught.value.problems
     )
+
+
+def test_two_to_fields_become_one() -> None:
+    data = b"To: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nx"
+    out = envelope_headers(data, ["a@example.org", "b@example.org"])
+    assert out == b"To: <a@example.org>,\r\n\t<b@example.org>\r\nSubject: x\r\n\r\nx"
+
+
+def test_a_bare_lf_message_is_left_as_it_is() -> None:
+    data = b"To: a@example.org\nSubject: x\n\nbody\n"
+    assert envelope_headers(data, ["b@example.org"]) is data
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("7", 7.0),
+        ("0", 1.0),
+        ("3600", 60.0),
+        ("", 30.0),
+        ("soon", 30.0),
+        ("Thu, 01 Jan 1970 00:00:20 GMT", 20.0),  # an HTTP date, 20 s after "now" = 0
+    ],
+)
+def test_retry_after_takes_seconds_or_a_date_within_bounds(header: str, seconds: float) -> None:
+    assert retry_after(header, now=0.0) == seconds
