@@ -280,6 +280,9 @@ async def _serve(
         host, port = parse_host_port(settings.metrics.listen)
         running.metrics_port = await metrics_server.start(host, port)
     try:
+        reloader = Reloader(settings, load, ingress, delivery, metrics)
+        # before the ready line: a SIGHUP's default action would end the process
+        install_reload_handler(asyncio.get_running_loop(), reloader.start)
         await ingress.start(listeners)
         delivery.start()
         running.smtp = list(ingress.bound)
@@ -291,9 +294,8 @@ async def _serve(
             queued,
             time.monotonic() - started,
         )
-        reloader = Reloader(settings, load, ingress, delivery, metrics)
-        install_reload_handler(asyncio.get_running_loop(), reloader.start)
         watchdog = _start_watchdog()
+        reloader.ready = True
         sd_notify("READY=1", f"STATUS=ready, {queued} queued")
         running.ready.set()
         await stop.wait()
@@ -329,8 +331,12 @@ class Reloader:
         self._metrics = metrics
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.ready = False  # set once listening: a reload must not race the start
 
     def start(self) -> None:
+        if not self.ready:
+            log.warning("SIGHUP during start-up: ignored (send it again once ready)")
+            return
         task = asyncio.get_running_loop().create_task(self.reload())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -394,6 +400,11 @@ def reloadable(old: Settings, new: Settings) -> None:
         raise ConfigError(
             [("upstreams", "adding or removing an upstream needs a restart (systemctl restart)")]
         )
+    for name, upstream in new.all_upstreams().items():
+        if upstream.kind != old.all_upstreams()[name].kind:
+            raise ConfigError(
+                [(name, "changing an upstream's kind needs a restart (its pacing and limits)")]
+            )
 
 
 def secrets_of(settings: Settings) -> list[str]:

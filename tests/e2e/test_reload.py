@@ -207,3 +207,18 @@ def test_a_narrowed_allowlist_applies_to_sessions_already_open(tmp_path: Path) -
         relay.wait_for_log(r"refused MAIL from 127\.0\.0\.2: no longer in the allow list")
     finally:
         relay.stop()
+
+
+def test_changing_an_upstreams_kind_needs_a_restart(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "relay.toml", sandbox(tmp_path, ["127.0.0.1/32"]))
+    relay = RelayProcess(config, cwd=tmp_path).start()
+    try:
+        changed = sandbox(tmp_path, ["127.0.0.1/32"])
+        changed["upstream"] = {"kind": "smtp", "host": "127.0.0.1", "port": 2}
+        write_config(config, changed)
+        relay.signal(signal.SIGHUP)
+        relay.wait_for_log(
+            r"reload refused, .*default: changing an upstream's kind needs a restart"
+        )
+    finally:
+        relay.stop()
