@@ -140,13 +140,9 @@ def check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _secrets(settings: Settings) -> list[str]:
-    return settings.secret_values()
-
-
 def serve(args: argparse.Namespace) -> int:
     settings = _load(args)
-    setup_logging(settings.log.level, settings.log.format, _secrets(settings))
+    setup_logging(settings.log.level, settings.log.format, settings.secret_values())
     from relay import daemon  # noqa: PLC0415 - check-config needs none of the runtime
 
     path = args.config or args.config_path
@@ -244,7 +240,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     if args.upstream is not None and args.upstream not in settings.all_upstreams():
         names = ", ".join(settings.all_upstreams())
         raise ConfigError([("--upstream", f"no upstream {args.upstream!r} (there are: {names})")])
-    setup_logging("error", "text", _secrets(settings))
+    setup_logging("error", "text", settings.secret_values())
     options = doctor.Options(
         timeout=args.timeout,
         upstream=args.upstream,

@@ -369,7 +369,7 @@ class Reloader:
         except (ConfigError, OSError, ValueError) as exc:
             log.error("reload refused, the running configuration stays: %s", _reason(exc))
             return
-        for secret in secrets_of(new):
+        for secret in new.secret_values():
             register_secret(secret)
         self._ingress.handler.route = router(new)
         for name, built in changed.items():
@@ -405,10 +405,6 @@ def reloadable(old: Settings, new: Settings) -> None:
             raise ConfigError(
                 [(name, "changing an upstream's kind needs a restart (its pacing and limits)")]
             )
-
-
-def secrets_of(settings: Settings) -> list[str]:
-    return settings.secret_values()
 
 
 def _start_watchdog() -> asyncio.Task[None] | None:

@@ -38,7 +38,7 @@ from relay.policy import Stage, aadsts_hint, classify_reply
 from relay.replies import SmtpReply
 from relay.servertls import TlsConfigError, certificate_expiry, server_context
 from relay.tokens import MsalTokenProvider
-from relay.upstream import client_tls_context
+from relay.upstream import client_tls_context, smtp_client, smtp_login
 
 LOW_DISK_BYTES = 512 * 1024 * 1024
 CERT_WARN_DAYS = 21
@@ -371,14 +371,13 @@ class _UpstreamProbe:
         """kind = "smtp": the session the relay would open (its TLS mode and login), then
         MAIL FROM for the mailbox and each send-as address when a mailbox is set."""
         upstream = self.upstream
-        client = aiosmtplib.SMTP(
-            hostname=upstream.host,
-            port=upstream.port,
-            use_tls=upstream.tls == "implicit",
-            start_tls=upstream.tls == "starttls",
-            tls_context=client_tls_context(upstream.tls_ca_file),
-            timeout=self.seconds,
-            local_hostname=self.settings.smtp.hostname,
+        client = smtp_client(
+            upstream.host,
+            upstream.port,
+            upstream.tls,
+            client_tls_context(upstream.tls_ca_file),
+            self.seconds,
+            self.settings.smtp.hostname,
         )
         try:
             try:
@@ -405,11 +404,9 @@ class _UpstreamProbe:
         upstream = self.upstream
         if upstream.auth == "none" or upstream.password is None:
             return
-        login = client.auth_plain if upstream.auth == "plain" else client.auth_login
+        password = upstream.password.get_secret_value()
         try:
-            if client.is_ehlo_or_helo_needed:
-                await client.ehlo()
-            response = await login(upstream.username, upstream.password.get_secret_value())
+            response = await smtp_login(client, upstream.auth, upstream.username, password)
         except aiosmtplib.SMTPAuthenticationError as exc:
             self.checks.fail(
                 "auth",
@@ -425,11 +422,8 @@ class _UpstreamProbe:
                 f'the server does not offer AUTH {upstream.auth.upper()}: try auth = "plain" '
                 'or "login", or TLS first (tls = "starttls")',
             )
-        self.checks.ok(
-            "auth",
-            f"AUTH {upstream.auth.upper()} as {upstream.username}: {response.code} "
-            f"{response.message}",
-        )
+        said = f"{response.code} {response.message}" if response is not None else "no login"
+        self.checks.ok("auth", f"AUTH {upstream.auth.upper()} as {upstream.username}: {said}")
 
     def tls_fix(self, exc: BaseException) -> str:
         host, port = self.upstream.host, self.upstream.port

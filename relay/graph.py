@@ -43,11 +43,6 @@ MAX_RETRY_AFTER = 60.0
 TOKEN_TIMEOUT = 90.0
 
 
-def encoded_size(size: int) -> int:
-    """Bytes of the base64 body Graph receives for a message of `size` bytes."""
-    return 4 * ((size + 2) // 3)
-
-
 _LINE_END = b"\r\n"
 
 

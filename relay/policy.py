@@ -159,6 +159,12 @@ CONCURRENCY_PAUSE = 10.0
 TENANT_PAUSE = 300.0  # a problem only an admin can fix: retry rarely, keep everything queued
 
 
+LOGIN_FIRST = (
+    "the upstream wants a login first: for Exchange Online check host and port "
+    '(smtp.office365.com:587); for kind = "smtp" set auth, username and password'
+)
+
+
 def _tenant_problem(enhanced: str, note: str, hint: str, text: str = "") -> Rule:
     """A reply that no retry of this message can fix: keep the queue, pause, alert."""
     return Rule(
@@ -215,8 +221,7 @@ REPLY_RULES: tuple[Rule, ...] = (
     _tenant_problem(
         "5.7.57",
         "not authenticated: a relay or configuration bug",
-        "the upstream wants a login first: for Exchange Online check host and port "
-        '(smtp.office365.com:587); for kind = "smtp" set auth, username and password',
+        LOGIN_FIRST,
     ),
     Rule(
         Verdict.DEFER,
@@ -226,8 +231,7 @@ REPLY_RULES: tuple[Rule, ...] = (
         pause=TENANT_PAUSE,
         note="530 at MAIL: authentication required, whatever the enhanced code says",
         action=Action.PAUSE_UPSTREAM,
-        hint="the upstream wants a login first: for Exchange Online check host and port "
-        '(smtp.office365.com:587); for kind = "smtp" set auth, username and password',
+        hint=LOGIN_FIRST,
     ),
     _tenant_problem(
         "5.2.2",

@@ -309,6 +309,40 @@ class ExchangeOnlineUpstream:
 # --- any SMTP server -------------------------------------------------------------------------
 
 
+def smtp_client(  # noqa: PLR0917 - the settings of one connection
+    host: str,
+    port: int,
+    tls: str,
+    tls_context: ssl.SSLContext,
+    timeout: float,
+    local_hostname: str,
+) -> aiosmtplib.SMTP:
+    """A client for kind = "smtp": STARTTLS required, implicit TLS, or none."""
+    return aiosmtplib.SMTP(
+        hostname=host,
+        port=port,
+        use_tls=tls == "implicit",
+        start_tls=tls == "starttls",
+        tls_context=tls_context,
+        timeout=timeout,
+        local_hostname=local_hostname,
+    )
+
+
+async def smtp_login(
+    client: aiosmtplib.SMTP, auth: str, username: str, password: str | None
+) -> aiosmtplib.SMTPResponse | None:
+    """AUTH PLAIN or LOGIN on a connected client (EHLO again after STARTTLS); None when the
+    upstream takes no login. aiosmtplib's exceptions pass through."""
+    if auth == "none" or password is None:
+        return None
+    if client.is_ehlo_or_helo_needed:  # after STARTTLS the server forgot the EHLO
+        await client.ehlo()
+    if auth == "plain":
+        return await client.auth_plain(username, password)
+    return await client.auth_login(username, password)
+
+
 class SmtpUpstream:
     """Any SMTP server: a provider (SendGrid, Mailjet, Brevo, SMTP2Go), a smart host, the
     tenant's MX endpoint. TLS: STARTTLS required, implicit (port 465), or none when the config
@@ -341,18 +375,12 @@ class SmtpUpstream:
         return f"SmtpUpstream({self.name!r}, {self._host}:{self._port}, tls={self._tls})"
 
     async def open(self) -> ExchangeOnlineSession:
-        client = aiosmtplib.SMTP(
-            hostname=self._host,
-            port=self._port,
-            use_tls=self._tls == "implicit",
-            start_tls=self._tls == "starttls",
-            tls_context=self._context,
-            timeout=self._timeout,
-            local_hostname=self._helo,
+        client = smtp_client(
+            self._host, self._port, self._tls, self._context, self._timeout, self._helo
         )
         try:
             await client.connect()
-            await self._login(client)
+            await smtp_login(client, self._auth, self._username, self._password)
         except (Exception, asyncio.CancelledError) as exc:
             client.close()
             if isinstance(exc, asyncio.CancelledError):
@@ -362,16 +390,6 @@ class SmtpUpstream:
                 error.hint = self._auth_hint
             raise error from None
         return ExchangeOnlineSession(client, None, self._policy)
-
-    async def _login(self, client: aiosmtplib.SMTP) -> None:
-        if self._auth == "none" or self._password is None:
-            return
-        if client.is_ehlo_or_helo_needed:  # after STARTTLS the server forgot the EHLO
-            await client.ehlo()
-        if self._auth == "plain":
-            await client.auth_plain(self._username, self._password)
-        else:
-            await client.auth_login(self._username, self._password)
 
     async def token_refused(self) -> None:
         return None

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import GRAPH_SCOPE, ConfigError, load_settings
-from relay.graph import encoded_size, envelope_headers, retry_after
+from relay.graph import envelope_headers, retry_after
 
 
 def test_headers_that_match_the_envelope_are_left_alone() -> None:
@@ -47,13 +47,6 @@ def test_a_recipient_listed_twice_is_shown_once_and_an_old_bcc_goes() -> None:
 def test_no_recipient_headers_at_all_means_everyone_is_bcc() -> None:
     out = envelope_headers(b"Subject: x\r\n\r\nx", ["x@example.org", "y@example.org"])
     assert out.startswith(b"Bcc: <x@example.org>,\r\n\t<y@example.org>\r\nSubject: x")
-
-
-@pytest.mark.parametrize(
-    ("size", "encoded"), [(0, 0), (1, 4), (3, 4), (4, 8), (3_000_000, 4_000_000)]
-)
-def test_encoded_size_is_the_base64_length(size: int, encoded: int) -> None:
-    assert encoded_size(size) == encoded
 
 
 GRAPH = """
