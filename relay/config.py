@@ -365,6 +365,9 @@ class DeliverySettings(_Section):
     bounce_to: str = "sender"
     on_ambiguous: Literal["resend", "hold"] = "resend"
     rescan: Duration = 60.0  # how often the spool is scanned for messages put back by hand
+    # how long an upstream with a set-up problem (5.7.139, a refused login or permission)
+    # waits before it is tried again; its routes' fallbacks carry the mail meanwhile
+    setup_pause: Duration = Field(default=300.0, ge=1.0)
     warn_after: Annotated[Duration | None, BeforeValidator(_blank_is_none)] = None
 
     @field_validator("bounce_to")
@@ -640,13 +643,27 @@ class LogSettings(_Section):
 DEFAULT_UPSTREAM = "default"
 
 
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
 class RouteSettings(_Section):
     """One [[route]] rule: every criterion given must match; a list matches if any entry does."""
 
     sender: list[str] = Field(default_factory=list)  # addresses or @domains
     client: list[str] = Field(default_factory=list)  # client networks
     listener: list[str] = Field(default_factory=list)  # a [smtp] listen entry or listener name
-    upstream: str = Field(min_length=1)
+    # one name, or several in order: the later ones take the message when the earlier are
+    # paused (e.g. 5.7.139) or refuse its size
+    upstream: Annotated[list[str], BeforeValidator(_one_or_many)] = Field(min_length=1)
+
+    @field_validator("upstream")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"an upstream is listed twice: {', '.join(repeated)}")
+        return value
 
     @field_validator("sender")
     @classmethod
@@ -700,15 +717,13 @@ class Settings(BaseSettings):
     def _routes_point_somewhere(self) -> Settings:
         known = {DEFAULT_UPSTREAM, *self.upstreams}
         listeners = {listener.label for listener in self.listeners()}
-        problems = []
+        problems: list[tuple[str, str]] = []
         for number, rule in enumerate(self.route):
-            if rule.upstream not in known:
-                problems.append(
-                    (
-                        f"route.{number}.upstream",
-                        f"no upstream named {rule.upstream!r}: {sorted(known)}",
-                    )
-                )
+            problems.extend(
+                (f"route.{number}.upstream", f"no upstream named {name!r}: {sorted(known)}")
+                for name in rule.upstream
+                if name not in known
+            )
             problems.extend(
                 (f"route.{number}.listener", f"no listener {listener!r}: {sorted(listeners)}")
                 for listener in rule.listener

@@ -46,7 +46,7 @@ from relay.osutil import (
     watchdog_interval,
 )
 from relay.pacing import Budget, Pacer
-from relay.policy import RouteRule, choose_upstream
+from relay.policy import Routed, RouteRule, choose_route, fallback_upstream, first_open
 from relay.sender import SenderPolicy
 from relay.servertls import TlsConfigError
 from relay.spool import Spool
@@ -131,6 +131,7 @@ class Deliveries:
                 ),
                 connections=upstream.max_connections(),
                 accepts=_accepts(name, names),
+                fallbacks=self,
             )
 
     def reconfigure(self, name: str, upstream: Upstream, sender: str) -> None:
@@ -146,6 +147,17 @@ class Deliveries:
             if not self.by_name[name].paused:
                 return ("" if name == DEFAULT_UPSTREAM else name), self._senders[name]
         return ("" if own == DEFAULT_UPSTREAM else own), self._senders[own]
+
+    def closed(self, name: str) -> bool:
+        """True when upstream `name` is paused for anything but throttling (or unknown)."""
+        delivery = self.by_name.get(name)
+        return delivery is None or bool(delivery.unready_reason())
+
+    def fallback(self, entry: QueueEntry, *, for_size: bool) -> str:
+        """The upstream of the message's route that takes it over from its own; "" if none."""
+        current = entry.upstream or DEFAULT_UPSTREAM
+        known = [name for name in entry.route if name in self.by_name]  # a restart removed some?
+        return fallback_upstream(known, current, entry.refused, self.closed, for_size=for_size)
 
     def enqueue(self, entry: QueueEntry) -> None:
         name = entry.upstream or DEFAULT_UPSTREAM
@@ -178,10 +190,11 @@ def _accepts(name: str, names: set[str]) -> Callable[[str], bool]:
     return accepts
 
 
-def router(settings: Settings) -> Callable[[str, str, str], str]:
+def router(settings: Settings, closed: Callable[[str], bool]) -> Callable[[str, str, str], Routed]:
+    """The route of a new message, and the first upstream of it that is not `closed`."""
     rules = tuple(
         RouteRule(
-            upstream=rule.upstream,
+            upstreams=tuple(rule.upstream),
             senders=tuple(rule.sender),
             networks=tuple(parse_network(n) for n in rule.client),
             listeners=tuple(rule.listener),
@@ -189,8 +202,9 @@ def router(settings: Settings) -> Callable[[str, str, str], str]:
         for rule in settings.route
     )
 
-    def route(sender: str, client: str, listener: str) -> str:
-        return choose_upstream(rules, sender, client, listener)
+    def route(sender: str, client: str, listener: str) -> Routed:
+        upstreams = choose_route(rules, sender, client, listener)
+        return first_open(upstreams, closed), upstreams
 
     return route
 
@@ -259,7 +273,9 @@ async def _serve(
     queued = await delivery.load_queue()
     smtp = settings.smtp
     limits = IngressLimits.from_settings(smtp)
-    handler = RelayHandler(spool, limits, metrics, delivery.enqueue, route=router(settings))
+    handler = RelayHandler(
+        spool, limits, metrics, delivery.enqueue, route=router(settings, delivery.closed)
+    )
     ingress = Ingress(handler, limits)
     listeners = build_listeners(settings)
 
@@ -371,7 +387,7 @@ class Reloader:
             return
         for secret in new.secret_values():
             register_secret(secret)
-        self._ingress.handler.route = router(new)
+        self._ingress.handler.route = router(new, self._deliveries.closed)
         for name, built in changed.items():
             sender = notice_sender(new.all_upstreams()[name], new.smtp.hostname)
             self._deliveries.reconfigure(name, built, sender)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ParamSpec, Protocol, TypeVar
 
-from relay.config import DeliverySettings
+from relay.config import DEFAULT_UPSTREAM, DeliverySettings
 from relay.errors import CorruptEntry, SpoolError, UpstreamError
 from relay.logs import redact
 from relay.metrics import Metrics
@@ -30,6 +30,7 @@ from relay.model import Attempt, QueueEntry, RcptState, Recipient
 from relay.pacing import Budget, Pacer
 from relay.policy import (
     RATE_PAUSE,
+    TENANT_PAUSE,
     Action,
     Decision,
     Stage,
@@ -38,6 +39,7 @@ from relay.policy import (
     classify_reply,
     expired,
     next_attempt,
+    refused_for_size,
 )
 from relay.policy import retry_delay as backoff
 from relay.replies import SmtpReply
@@ -79,6 +81,15 @@ class Notices(Protocol):
     async def delayed(self, entry: QueueEntry) -> None: ...
 
 
+class Fallbacks(Protocol):
+    """The other upstreams (daemon.Deliveries): which one of a message's route takes it over
+    from this one, and handing it to that one."""
+
+    def fallback(self, entry: QueueEntry, *, for_size: bool) -> str: ...
+
+    def enqueue(self, entry: QueueEntry) -> None: ...
+
+
 class Delivery:
     def __init__(
         self,
@@ -90,6 +101,7 @@ class Delivery:
         pacer: Pacer | None = None,
         notices: Notices | None = None,
         accepts: Callable[[str], bool] = lambda _upstream: True,
+        fallbacks: Fallbacks | None = None,
         connections: int = 64,
         clock: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
@@ -97,6 +109,9 @@ class Delivery:
         self._pacer = pacer or Pacer(Budget())
         self._notices = notices
         self._accepts = accepts
+        self._fallbacks = fallbacks
+        self._drain_task: asyncio.Task[None] | None = None
+        self._drain_again = False
         self._workers = max(1, min(settings.concurrency, connections))
         self._spool = spool
         self._upstream = upstream
@@ -117,6 +132,8 @@ class Delivery:
         metrics.since_delivery.labels(upstream=upstream.name).set_function(
             lambda: time.monotonic() - self._last_delivery
         )
+        for outcome in ("delivered", "deferred", "failed"):
+            metrics.recipients.labels(outcome=outcome, upstream=upstream.name)
 
     # --- spool access --------------------------------------------------------------------------
 
@@ -161,6 +178,8 @@ class Delivery:
         """A new message was committed to incoming/: deliver it as soon as a worker is free."""
         if not self._stopping:
             self.scheduler.add(entry.queue_id, 0.0, State.INCOMING)
+            if entry.route and self._closed():
+                self._request_drain()
 
     async def _reconcile(self) -> None:
         """Now and then, pick up queued messages nobody scheduled (a client that vanished
@@ -220,8 +239,9 @@ class Delivery:
         self._stop_requested.set()
         self.scheduler.poke()
         pending: set[asyncio.Task[None]] = set()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=grace)
+        tasks = [*self._tasks, *([self._drain_task] if self._drain_task else [])]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
         for task in pending:
             task.cancel()
         if pending:
@@ -248,6 +268,7 @@ class Delivery:
         self._metrics.upstream_pauses.labels(upstream=name, reason=kind).inc()
         fix = f"; fix: {hint}" if hint else ""
         log.error("upstream %s paused for %.0fs (%s): %s%s", name, seconds, kind, reason, fix)
+        self._request_drain()
 
     def replace_upstream(self, upstream: Upstream) -> None:
         """A reload changed this upstream's settings (credentials, sender policy, host): new
@@ -277,6 +298,14 @@ class Delivery:
         if self.paused and self._pause_kind != "throttled":
             return f"upstream {self._upstream.name} paused ({self._pause_kind})"
         return ""
+
+    def _pause_of(self, decision: Decision) -> float:
+        """How long a decision pauses the upstream: a set-up problem only an admin can fix
+        (5.7.139 and the like) for [delivery] setup_pause."""
+        return self._settings.setup_pause if decision.pause == TENANT_PAUSE else decision.pause
+
+    def _closed(self) -> bool:
+        return bool(self.unready_reason())
 
     def _pause_left(self) -> float:
         return max(0.0, self._paused_until - self._clock())
@@ -430,11 +459,13 @@ class Delivery:
         else:
             kind = "unreachable"
         self._metrics.attempts.labels(upstream=self._upstream.name, outcome="no_session").inc()
-        self._pause(max(pause, decision.pause), str(error), kind, decision.hint)
+        self._pause(max(pause, self._pause_of(decision)), str(error), kind, decision.hint)
         if decision.refresh_token:
             await self._upstream.token_refused()
         if expired(entry.received_at, self._clock(), self._settings.max_age):
             await self._record(entry, {r.address: decision for r in entry.pending})
+            return
+        if await self._handed_over(entry, kind):
             return
         if await self._spool_call(self._spool.move, entry.queue_id, State.ACTIVE, State.DEFERRED):
             self.scheduler.add(entry.queue_id, self._paused_until, State.DEFERRED)
@@ -473,6 +504,8 @@ class Delivery:
             accepted = sum(1 for stage, _ in outcomes.values() if stage is not Stage.RCPT)
             self._pacer.take_recipients(self._clock(), accepted)  # what passed RCPT counts
         await self._react(list(decisions.values()), session)
+        if await self._handed_over_for_size(entry, decisions):
+            return
         await self._record(entry, decisions)
 
     async def _hold(self, entry: QueueEntry, decision: Decision) -> None:
@@ -500,15 +533,156 @@ class Delivery:
                 session.usable = False
             if decision.pause:
                 kind = "throttled" if decision.pause <= RATE_PAUSE else "configuration"
-                self._pause(decision.pause, str(decision.reply), kind, decision.hint)
+                self._pause(self._pause_of(decision), str(decision.reply), kind, decision.hint)
         if any(d.refresh_token for d in decisions):
             await self._upstream.token_refused()
+
+    # --- fallback: handing messages to the next upstream of their route ------------------------
+
+    async def _handed_over(self, entry: QueueEntry, kind: str) -> bool:
+        """The message in hand could not be sent because this upstream closed: it goes to the
+        next open upstream of its route, if it has one."""
+        if self._fallbacks is None or not entry.route or not self._closed():
+            return False
+        target = self._fallbacks.fallback(entry, for_size=False)
+        return bool(target) and await self._hand_over(entry, State.ACTIVE, target, kind)
+
+    async def _handed_over_for_size(
+        self, entry: QueueEntry, decisions: dict[str, Decision]
+    ) -> bool:
+        """This upstream refused the message's size: the recipients it refused stay pending and
+        the message goes to the next upstream of its route that has not refused it, rather
+        than failing. Other outcomes of the attempt are kept."""
+        too_big = {
+            address
+            for address, decision in decisions.items()
+            if decision.verdict is Verdict.FAIL and refused_for_size(decision.reply)
+        }
+        if not too_big or self._fallbacks is None or not entry.route:
+            return False
+        target = self._fallbacks.fallback(entry, for_size=True)
+        if not target:
+            return False
+        name = self._upstream.name
+        recipients = []
+        for rcpt in entry.recipients:
+            decision = decisions.get(rcpt.address)
+            if rcpt.address in too_big and decision is not None:
+                recipients.append(replace(rcpt, reply=redact(str(decision.reply)), via=name))
+            else:
+                recipients.append(_apply(rcpt, decision, name))
+                if rcpt.state is RcptState.PENDING and decision is not None:
+                    self._log_recipient(entry.queue_id, recipients[-1], decision)
+        reply = redact(str(decisions[next(iter(too_big))].reply))
+        updated = replace(
+            entry.with_recipients(tuple(recipients)), refused=(*entry.refused, name)
+        ).after_attempt(Attempt(self._clock(), "deferred", reply), 0.0)
+        if await self._hand_over(updated, State.ACTIVE, target, "size"):
+            return True
+        self.scheduler.add(  # keep it in active/: the next try sends and hands over again
+            entry.queue_id, self._clock() + self._settings.retry_initial, State.ACTIVE
+        )
+        return True
+
+    async def _hand_over(self, entry: QueueEntry, src: State, target: str, reason: str) -> bool:
+        """Give a claimed message to upstream `target`: it is saved as that upstream's, due
+        now, in incoming/, and scheduled there. False when it could not be saved (it stays)."""
+        assert self._fallbacks is not None
+        moved = replace(
+            entry,
+            upstream="" if target == DEFAULT_UPSTREAM else target,
+            next_attempt_at=0.0,
+        )
+        try:
+            await self._spool_call(self._spool.save, moved, src, State.INCOMING)
+        except FileNotFoundError:
+            return True  # gone meanwhile (deleted by hand): nothing left to hand over
+        except (SpoolError, OSError):
+            log.exception(
+                "could not hand the message to upstream %s",
+                target,
+                extra={"queue_id": entry.queue_id},
+            )
+            return False
+        self.scheduler.discard(entry.queue_id)
+        name = self._upstream.name
+        self._metrics.handovers.labels(upstream=name, to=target, reason=reason).inc()
+        log.warning(
+            "handed over from upstream %s to %s (%s)",
+            name,
+            target,
+            "refused for its size" if reason == "size" else f"{name} is paused: {reason}",
+            extra={"queue_id": entry.queue_id},
+        )
+        self._fallbacks.enqueue(moved)
+        return True
+
+    def _request_drain(self) -> None:
+        """This upstream closed: queued messages whose route has an open upstream go there (in
+        the background; one pass at a time, another if asked meanwhile)."""
+        if self._fallbacks is None or self._stopping or not self._closed():
+            return
+        self._drain_again = True
+        if self._drain_task is None or self._drain_task.done():
+            self._drain_task = asyncio.create_task(self._drain(), name="delivery-drain")
+
+    async def _drain(self) -> None:
+        while self._drain_again and self._closed() and not self._stopping:
+            self._drain_again = False
+            queued = [item for item in self.scheduler.snapshot() if item[1] is not State.ACTIVE]
+            try:
+                routed = await self._spool_call(self._with_route, queued)
+            except OSError:
+                log.exception("could not scan the queue for fallbacks")
+                return
+            moved = 0
+            for queue_id, state in routed:
+                if self._stopping or not self._closed():
+                    return
+                moved += await self._hand_over_queued(queue_id, state)
+            if moved:
+                log.warning(
+                    "upstream %s is paused (%s): %d queued messages handed to the next "
+                    "upstream of their route",
+                    self._upstream.name,
+                    self._pause_kind,
+                    moved,
+                )
+
+    def _with_route(self, items: list[tuple[str, State]]) -> list[tuple[str, State]]:
+        found = []
+        for queue_id, state in items:
+            try:
+                if self._spool.load(state, queue_id).route:
+                    found.append((queue_id, state))
+            except (OSError, SpoolError):
+                continue  # moved meanwhile, or corrupt (its delivery attempt quarantines it)
+        return found
+
+    async def _hand_over_queued(self, queue_id: str, state: State) -> bool:
+        assert self._fallbacks is not None
+        if not await self._spool_call(self._spool.claim, queue_id, state):
+            return False
+        try:
+            entry = await self._spool_call(self._spool.load, State.ACTIVE, queue_id)
+        except (OSError, SpoolError):
+            entry = None
+        target = self._fallbacks.fallback(entry, for_size=False) if entry is not None else ""
+        if (
+            entry is not None
+            and target
+            and await self._hand_over(entry, State.ACTIVE, target, self._pause_kind)
+        ):
+            return True
+        await self._spool_call(self._spool.move, queue_id, State.ACTIVE, state)  # unclaimed
+        return False
 
     # --- recording outcomes --------------------------------------------------------------------
 
     async def _record(self, entry: QueueEntry, decisions: dict[str, Decision]) -> None:
         now = self._clock()
-        recipients = tuple(_apply(r, decisions.get(r.address)) for r in entry.recipients)
+        name = self._upstream.name
+        recipients = tuple(_apply(r, decisions.get(r.address), name) for r in entry.recipients)
         for old, new in zip(entry.recipients, recipients, strict=True):
             if old.state is RcptState.PENDING:
                 self._log_recipient(entry.queue_id, new, decisions.get(new.address))
@@ -562,6 +736,8 @@ class Delivery:
         self._count(entry, outcome.summary)
         if not entry.done:
             self.scheduler.add(entry.queue_id, outcome.due, State.DEFERRED)
+            if entry.route and self._closed():
+                self._request_drain()
         if self._notices is None:
             return
         if entry.done and entry.any_failed:
@@ -602,7 +778,7 @@ class Delivery:
         outcome = {RcptState.DELIVERED: "delivered", RcptState.FAILED: "failed"}.get(
             rcpt.state, "deferred"
         )
-        self._metrics.recipients.labels(outcome=outcome).inc()
+        self._metrics.recipients.labels(outcome=outcome, upstream=self._upstream.name).inc()
         level = logging.INFO if outcome == "delivered" else logging.WARNING
         log.log(
             level,
@@ -615,13 +791,13 @@ class Delivery:
         )
 
 
-def _apply(rcpt: Recipient, decision: Decision | None) -> Recipient:
+def _apply(rcpt: Recipient, decision: Decision | None, via: str) -> Recipient:
     if rcpt.state is not RcptState.PENDING or decision is None:
         return rcpt
     state = {Verdict.DELIVERED: RcptState.DELIVERED, Verdict.FAIL: RcptState.FAILED}.get(
         decision.verdict, RcptState.PENDING
     )
-    return replace(rcpt, state=state, reply=redact(str(decision.reply)))
+    return replace(rcpt, state=state, reply=redact(str(decision.reply)), via=via)
 
 
 def _expire(rcpt: Recipient) -> Recipient:

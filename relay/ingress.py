@@ -37,6 +37,7 @@ from relay.model import QueueEntry, Recipient
 from relay.normalize import Normalized, normalize_message
 from relay.policy import (
     Network,
+    Routed,
     address_matches,
     header_too_large,
     parse_network_list,
@@ -260,7 +261,7 @@ class RelayHandler:
         on_commit: Callable[[QueueEntry], None],
         *,
         clock: Callable[[], float] = time.time,
-        route: Callable[[str, str, str], str] | None = None,
+        route: Callable[[str, str, str], Routed] | None = None,
     ) -> None:
         self.route = route
         self._spool = spool
@@ -408,7 +409,7 @@ class RelayHandler:
             helo=session.host_name or "",
             smtputf8=needs_smtputf8(envelope) or normalized.needs_smtputf8,
             eightbit=normalized.eightbit,
-            upstream=self._upstream_for(server, session, envelope),
+            **self._route_of(server, session, envelope),
         )
         commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body, trace))
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
@@ -428,12 +429,16 @@ class RelayHandler:
             asyncio.get_running_loop().call_soon(server.transport.close)
         return str(replies.queued(queue_id))
 
-    def _upstream_for(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    def _route_of(self, server: SMTP, session: Session, envelope: Envelope) -> dict[str, Any]:
+        """The upstream that gets the message, and its route when it has fallbacks."""
         if self.route is None:
-            return ""
+            return {}
         listener = getattr(server, "listener", "")
-        name = self.route(envelope.mail_from or "", peer_host(session.peer), listener)
-        return "" if name == "default" else name
+        name, route = self.route(envelope.mail_from or "", peer_host(session.peer), listener)
+        return {
+            "upstream": "" if name == "default" else name,
+            "route": route if len(route) > 1 else (),
+        }
 
     def _normalize(self, envelope: Envelope, body: bytes) -> Normalized:
         return normalize_message(

@@ -93,7 +93,19 @@ class Metrics:
         self.failed = Counter(
             "relay_messages_failed", "Messages moved to failed/", ["reason"], registry=r
         )
-        self.recipients = Counter("relay_recipients", "Recipient outcomes", ["outcome"], registry=r)
+        self.recipients = Counter(
+            "relay_recipients",
+            "Recipient outcomes, by the upstream that gave them",
+            ["outcome", "upstream"],
+            registry=r,
+        )
+        self.handovers = Counter(
+            "relay_handovers",
+            "Messages handed to the next upstream of their route (fallback), by reason: the "
+            "upstream's pause kind, or size",
+            ["upstream", "to", "reason"],
+            registry=r,
+        )
         self.ambiguous = Counter(
             "relay_delivery_ambiguous",
             "Attempts whose outcome is unknown (connection lost after the data): a resend may "
@@ -171,8 +183,6 @@ class Metrics:
         self.build_info.labels(version=__version__).set(1)
         for result in RECEIVED_RESULTS:
             self.received.labels(result=result)
-        for outcome in ("delivered", "deferred", "failed"):
-            self.recipients.labels(outcome=outcome)
         for result in ("ok", "error"):
             self.token_requests.labels(result=result)
 

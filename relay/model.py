@@ -25,13 +25,22 @@ class Recipient:
     address: str
     state: RcptState = RcptState.PENDING
     reply: str = ""  # the last reply that decided or deferred this recipient
+    via: str = ""  # the upstream that gave that reply
 
     def to_json(self) -> dict[str, Any]:
-        return {"address": self.address, "state": self.state.value, "reply": self.reply}
+        data = {"address": self.address, "state": self.state.value, "reply": self.reply}
+        if self.via:
+            data["via"] = self.via
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Recipient:
-        return cls(str(data["address"]), RcptState(data["state"]), str(data.get("reply", "")))
+        return cls(
+            str(data["address"]),
+            RcptState(data["state"]),
+            str(data.get("reply", "")),
+            str(data.get("via", "")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +77,9 @@ class QueueEntry:
     next_attempt_at: float = 0.0
     history: tuple[Attempt, ...] = field(default_factory=tuple)
     warned: bool = False  # a delay notice was sent
-    upstream: str = ""  # the route chosen at acceptance; "" = the default upstream
+    upstream: str = ""  # the upstream that has the message now; "" = the default upstream
+    route: tuple[str, ...] = ()  # the upstreams its route allows, in order (fallback)
+    refused: tuple[str, ...] = ()  # upstreams of the route that refused it for its size
 
     @property
     def pending(self) -> tuple[Recipient, ...]:
@@ -92,7 +103,7 @@ class QueueEntry:
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "version": SCHEMA_VERSION,
             "queue_id": self.queue_id,
             "mail_from": self.mail_from,
@@ -109,6 +120,11 @@ class QueueEntry:
             "warned": self.warned,
             "upstream": self.upstream,
         }
+        if self.route:  # fallbacks only: most messages have none
+            data["route"] = list(self.route)
+        if self.refused:
+            data["refused"] = list(self.refused)
+        return data
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
@@ -136,6 +152,8 @@ class QueueEntry:
             history=tuple(Attempt.from_json(a) for a in data.get("history", [])),
             warned=bool(data.get("warned", False)),
             upstream=str(data.get("upstream", "")),
+            route=tuple(str(name) for name in data.get("route", ())),
+            refused=tuple(str(name) for name in data.get("refused", ())),
         )
 
     @classmethod

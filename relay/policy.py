@@ -9,7 +9,7 @@ before they get here.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -413,7 +413,7 @@ def expired(received_at: float, now: float, max_age: float) -> bool:
 class RouteRule:
     """Every criterion given must match; each one matches if any of its entries does."""
 
-    upstream: str
+    upstreams: tuple[str, ...]  # in order of preference: the later ones are fallbacks
     senders: tuple[str, ...] = ()  # lower-case addresses and "@domain"s
     networks: tuple[Network, ...] = ()
     listeners: tuple[str, ...] = ()
@@ -426,10 +426,56 @@ class RouteRule:
         )
 
 
-def choose_upstream(rules: Sequence[RouteRule], sender: str, client: str, listener: str) -> str:
-    """The upstream of the first rule that matches the envelope sender, the client address and
-    the listener the message came in on; `default` when none does."""
+DEFAULT_ROUTE = ("default",)
+Routed = tuple[str, tuple[str, ...]]  # the upstream a new message goes to, and its whole route
+
+
+def choose_route(
+    rules: Sequence[RouteRule], sender: str, client: str, listener: str
+) -> tuple[str, ...]:
+    """The upstreams of the first rule that matches the envelope sender, the client address
+    and the listener the message came in on; `default` alone when none does."""
     for rule in rules:
         if rule.matches(sender, client, listener):
-            return rule.upstream
-    return "default"
+            return rule.upstreams
+    return DEFAULT_ROUTE
+
+
+def first_open(route: Sequence[str], closed: Callable[[str], bool]) -> str:
+    """Where a new message goes: the first upstream of its route that is not closed (paused
+    for anything but throttling); the first one when all are."""
+    return next((name for name in route if not closed(name)), route[0])
+
+
+def fallback_upstream(
+    route: Sequence[str],
+    current: str,
+    refused: Sequence[str],
+    closed: Callable[[str], bool],
+    *,
+    for_size: bool,
+) -> str:
+    """Where a message goes when `current` cannot take it; "" when it stays.
+
+    Candidates are the other upstreams of its route that have not refused it for its size, in
+    route order. When `current` closed (a set-up problem, an outage), only an open candidate
+    helps. When `current` refused the message's size, a closed candidate still beats failing
+    it: the message waits there until that one opens."""
+    candidates = [name for name in route if name != current and name not in refused]
+    open_ones = [name for name in candidates if not closed(name)]
+    if open_ones:
+        return open_ones[0]
+    return candidates[0] if for_size and candidates else ""
+
+
+SIZE_STATUSES = ("5.3.4", "5.2.3")  # RFC 3463: too big for the system; over a length limit
+
+
+def refused_for_size(reply: SmtpReply) -> bool:
+    """A permanent refusal of the message's size (another upstream may take it); a bare 552
+    (no enhanced code) is the RFC 5321 reply for exceeded storage, i.e. size."""
+    if reply.code == 552 and not reply.enhanced:
+        return True
+    return reply.code >= 500 and any(
+        _enhanced_matches(reply.enhanced, status) for status in SIZE_STATUSES
+    )

@@ -91,6 +91,14 @@ class Scheduler:
             self._changed.set()
         return moved
 
+    def snapshot(self) -> list[tuple[str, State]]:
+        """Every scheduled message and its state, in no particular order."""
+        return [(queue_id, state) for queue_id, (_, state) in self._current.items()]
+
+    def discard(self, queue_id: str) -> None:
+        """Forget a message (it went elsewhere); its heap item is skipped when it surfaces."""
+        self._current.pop(queue_id, None)
+
     def state_of(self, queue_id: str) -> State | None:
         """The state the message was scheduled in, or None when it is not scheduled."""
         known = self._current.get(queue_id)

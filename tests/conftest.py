@@ -1,8 +1,9 @@
-"""Shared fixtures: a test PKI, the fake Entra ID and fake Exchange Online, and a factory for
-running the real relay daemon against them. Everything listens on 127.0.0.1, port 0."""
+"""Shared fixtures: a test PKI, the fake Entra ID, fake Exchange Online and fake Graph, and a
+factory for running the real relay daemon against them. Everything listens on 127.0.0.1, port 0."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, settings
 
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import FakeExchange
+from tests.fakes.graph import GRAPH_RESOURCE, FakeGraph
 from tests.fakes.pki import TestPKI, make_pki
 from tests.relayproc import RelayProcess, write_config
 
@@ -50,6 +52,17 @@ def exchange(pki: TestPKI, entra: FakeEntra) -> Iterator[FakeExchange]:
     )
     fake.add_mailbox(MAILBOX, send_as=["scanner@contoso.com", "jürgen@contoso.com"])
     with fake:
+        yield fake
+
+
+@pytest.fixture
+def graph(pki: TestPKI, entra: FakeEntra) -> Iterator[FakeGraph]:
+    """The fake Graph, with MAILBOX; the app holds Mail.Send (and SMTP.SendAsApp, for the
+    tests that have an Exchange upstream on the same mailbox too)."""
+    entra.register_app(CLIENT_ID, secret=CLIENT_SECRET, roles=("SMTP.SendAsApp", "Mail.Send"))
+    validate = functools.partial(entra.validate_access_token, audiences=(GRAPH_RESOURCE,))
+    with FakeGraph(pki, validate) as fake:
+        fake.add_mailbox(MAILBOX)
         yield fake
 
 

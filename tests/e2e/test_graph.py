@@ -6,20 +6,16 @@ the set-up."""
 
 from __future__ import annotations
 
-import functools
 import json
 import smtplib
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, MAILBOX, RelayFactory
 from tests.fakes.entra import FakeEntra
-from tests.fakes.graph import GRAPH_RESOURCE, FakeGraph
+from tests.fakes.graph import FakeGraph
 from tests.fakes.pki import TestPKI
 from tests.relayproc import RelayProcess, spool_state, wait_until, write_config
 
@@ -29,15 +25,6 @@ MESSAGE = (
     b"To: Bob <bob@example.org>, Not Sent <elsewhere@example.org>\r\n"
     b"Subject: scan\r\nMessage-ID: <graph-1@contoso.com>\r\n\r\nscan attached\r\n"
 )
-
-
-@pytest.fixture
-def graph(pki: TestPKI, entra: FakeEntra) -> Iterator[FakeGraph]:
-    entra.register_app(CLIENT_ID, secret=CLIENT_SECRET, roles=("Mail.Send",))
-    validate = functools.partial(entra.validate_access_token, audiences=(GRAPH_RESOURCE,))
-    with FakeGraph(pki, validate) as fake:
-        fake.add_mailbox(MAILBOX)
-        yield fake
 
 
 def graph_config(

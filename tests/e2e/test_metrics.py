@@ -42,9 +42,9 @@ DELIVERED = "relay_messages_delivered_total"
 DEFERRED = "relay_messages_deferred_total"
 REJECTED = 'relay_messages_failed_total{reason="rejected"}'
 EXPIRED = 'relay_messages_failed_total{reason="expired"}'
-RCPT_DELIVERED = 'relay_recipients_total{outcome="delivered"}'
-RCPT_DEFERRED = 'relay_recipients_total{outcome="deferred"}'
-RCPT_FAILED = 'relay_recipients_total{outcome="failed"}'
+RCPT_DELIVERED = 'relay_recipients_total{outcome="delivered",upstream="default"}'
+RCPT_DEFERRED = 'relay_recipients_total{outcome="deferred",upstream="default"}'
+RCPT_FAILED = 'relay_recipients_total{outcome="failed",upstream="default"}'
 AMBIGUOUS = "relay_delivery_ambiguous_total"
 HELD = "relay_messages_held_total"
 FAILURE_NOTICES = 'relay_notices_queued_total{kind="failure"}'

@@ -215,7 +215,7 @@ def test_starttls_and_auth_plain_deliver_the_envelope_bcc_included(
     drained(tmp_path, [queue_id])
     relay.wait_for_log(rf"\[{queue_id}\] to=<hidden@example.com> delivered via default")
     relay.wait_for_log(r"ready: .*upstreams=default:smtp")
-    assert relay.metrics()['relay_recipients_total{outcome="delivered"}'] == 3
+    assert relay.metrics()['relay_recipients_total{outcome="delivered",upstream="default"}'] == 3
     assert_no_secret_in_log(relay, PASSWORD)
 
 
@@ -285,7 +285,7 @@ def test_a_550_at_rcpt_fails_that_recipient_and_delivers_the_others(
     assert status[1]["Status"] == "5.1.1"
     assert fake.rejected_rcpts == [("gone@example.org", rejection)]  # never offered again
     metrics = relay.metrics()
-    assert metrics['relay_recipients_total{outcome="failed"}'] == 1
+    assert metrics['relay_recipients_total{outcome="failed",upstream="default"}'] == 1
     assert metrics['relay_messages_failed_total{reason="rejected"}'] == 1
 
 
@@ -485,7 +485,7 @@ def test_temporary_refusals_are_retried_for_the_refused_recipients_only(
     assert strip_trace(received[2].data, second) == MESSAGE
     drained(tmp_path, [second])
     assert len(fake.messages) == 3
-    assert relay.metrics()['relay_recipients_total{outcome="failed"}'] == 0
+    assert relay.metrics()['relay_recipients_total{outcome="failed",upstream="default"}'] == 0
 
 
 def test_a_rotated_password_file_takes_effect_on_reload(

@@ -605,6 +605,7 @@ def test_render_round_trips_through_tomllib(tmp_path: Path) -> None:
         "bounce_to": "sender",
         "on_ambiguous": "resend",
         "rescan": "1m",
+        "setup_pause": "5m",
         "warn_after": "",
     }
     assert data["upstream"]["oauth"]["client_secret"] == "**********"

@@ -75,6 +75,24 @@ def test_json_form_is_exact() -> None:
     assert SCHEMA_VERSION == 1
 
 
+def test_fallback_fields_are_stored_only_when_used() -> None:
+    entry = make_entry(
+        recipients=(
+            Recipient("alice@contoso.example", RcptState.DELIVERED, "250 2.0.0 OK", "graph"),
+            Recipient("bob@contoso.example"),
+        ),
+        upstream="graph",
+        route=("default", "graph"),
+        refused=("default",),
+    )
+    data = json.loads(entry.dumps())
+    assert data["route"] == ["default", "graph"]
+    assert data["refused"] == ["default"]
+    assert data["recipients"][0]["via"] == "graph"
+    assert "via" not in data["recipients"][1]
+    assert QueueEntry.loads(entry.dumps()) == entry
+
+
 def test_non_ascii_is_stored_as_utf8_not_escaped() -> None:
     entry = make_entry(mail_from="jörg@bücher.example", smtputf8=True)
     raw = entry.dumps()
