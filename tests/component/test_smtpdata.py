@@ -107,3 +107,56 @@ async def test_round_trip_matches_the_reference(body: bytes, stream_limit: int) 
     expected = body if body.endswith(b"\r\n") else body + b"\r\n"
     result = await read(stuff(body), stream_limit=stream_limit)
     assert result.data == expected
+
+
+def reference(wire: bytes, limit: int) -> tuple[DataResult, bytes] | None:
+    """RFC 5321 by the letter, a line at a time: lines end at LF; the data ends at the first
+    line that is exactly ".<CRLF>" after a CRLF-terminated line (or at the start); a leading
+    dot is removed from every other line. Returns the result and the bytes left over, or None
+    when the data does not end."""
+    body = bytearray()
+    position = 0
+    after_crlf = True  # the DATA command's CRLF
+    while (newline := wire.find(b"\n", position)) >= 0:
+        line = wire[position : newline + 1]
+        position = newline + 1
+        if after_crlf and line == b".\r\n":
+            size = len(body)
+            return DataResult(bytes(body) if size <= limit else None, size), wire[position:]
+        body += line[1:] if line.startswith(b".") else line
+        after_crlf = line.endswith(b"\r\n")
+    return None
+
+
+WIRE_PARTS = st.sampled_from(
+    [b"\r\n", b"\n", b"\r", b".", b"..", b"\r\n.\r\n", b"\n.\n", b"x", b"yz" * 40, b".\r\n"]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(WIRE_PARTS, max_size=40).map(b"".join),
+    st.lists(st.integers(1, 90), min_size=1, max_size=8),
+    st.integers(3, 64),
+    st.integers(0, 200),
+)
+async def test_any_stream_in_any_chunks_matches_the_line_reference(
+    wire: bytes, chunks: list[int], stream_limit: int, limit: int
+) -> None:
+    """Arbitrary bytes (probes, bare CR and LF, dots, several end markers, bytes after the
+    end) fed in arbitrary chunks: the same body, size, end and leftover as the reference."""
+    wire += b"\r\n.\r\nQUIT\r\n"  # it always ends, perhaps earlier
+    expected, rest = reference(wire, limit) or pytest.fail("the reference never ended")
+    reader = asyncio.StreamReader(limit=stream_limit)
+    task = asyncio.ensure_future(DataReader(reader, limit).read())
+    position, sizes = 0, iter(chunks * (len(wire) + 1))
+    while position < len(wire) and not task.done():
+        size = next(sizes)
+        reader.feed_data(wire[position : position + size])
+        position += size
+        for _ in range(3):
+            await asyncio.sleep(0)  # let the reader take what is there (no timing involved)
+    reader.feed_data(wire[position:])  # the rest, if the data ended before it was fed
+    reader.feed_eof()
+    assert await asyncio.wait_for(task, 5) == expected
+    assert await reader.read() == rest  # nothing eaten past the end
