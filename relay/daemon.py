@@ -236,8 +236,15 @@ async def run(
 
     if handle_signals:
         install_stop_handlers(loop, on_signal)
-    spool = Spool(settings.spool.path)
+    spool = Spool(settings.spool.path, group_commit=settings.spool.group_commit)
     spool.open(lock=True)
+    log.info(
+        "spool %s: %s",
+        settings.spool.path,
+        "group commit (messages accepted together share syncfs flushes)"
+        if spool.shares_flushes
+        else "one fsync per file and directory",
+    )
     try:
         await _serve(settings, spool, stop, running, reload_settings or (lambda: settings))
     finally:

@@ -31,6 +31,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay import replies
 from relay.config import ListenerSettings, SmtpSettings, parse_host_port
+from relay.groupcommit import GroupCommit
 from relay.localauth import AuthThrottle, LocalUser, authenticate, sender_allowed
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
@@ -265,6 +266,7 @@ class RelayHandler:
     ) -> None:
         self.route = route
         self._spool = spool
+        self._commits = GroupCommit(spool)
         self.limits = limits
         self._metrics = metrics
         self._on_commit = on_commit
@@ -411,7 +413,7 @@ class RelayHandler:
             eightbit=normalized.eightbit,
             **self._route_of(server, session, envelope),
         )
-        commit = asyncio.ensure_future(asyncio.to_thread(self._spool.commit, entry, body, trace))
+        commit = asyncio.ensure_future(self._commits.commit(entry, body, trace))
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
         # this handler, not the delivery of a message that did reach the disk.
         message_id = header_message_id(normalized.data)

@@ -1,15 +1,17 @@
 """Small operating-system helpers with a portable fallback.
 
-One job: keep POSIX-only calls (directory fsync, file modes, advisory locks) behind functions
-that do the right thing on Linux and degrade safely elsewhere (the Windows service comes
-later). Nothing here knows about mail.
+One job: keep POSIX-only calls (directory fsync, syncfs, file modes, advisory locks) behind
+functions that do the right thing on Linux and degrade safely elsewhere (the Windows service
+comes later). Nothing here knows about mail.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import re
 import signal
 import socket
 import sys
@@ -33,9 +35,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_private_file(path: Path, *parts: bytes) -> None:
+def write_private_file(path: Path, *parts: bytes, sync: bool = True) -> None:
     """Create `path` (which must not exist) readable by the owner only, write the parts one
-    after the other (no joined copy of a large body), fsync, close."""
+    after the other (no joined copy of a large body), fsync (unless the caller flushes the
+    whole filesystem itself: `sync=False`), close."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     fd = os.open(path, flags, PRIVATE_FILE_MODE)
     try:
@@ -44,12 +47,55 @@ def write_private_file(path: Path, *parts: bytes) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except BaseException:
         os.close(fd)
         unlink_quietly(path)  # never leave a partial file behind
         raise
     os.close(fd)
+
+
+SYNCFS_REPORTS_ERRORS = (5, 8)  # Linux: before 5.8, syncfs() returned 0 on write-back errors
+
+
+class FilesystemFlush:
+    """One flush of everything written to a filesystem since it was opened (Linux syncfs):
+    open it before writing, call `flush()` after. Several files then share one flush instead
+    of an fsync each (group commit). Write-back errors since the open are reported."""
+
+    def __init__(self, path: Path, syncfs: Callable[[int], int]) -> None:
+        self._syncfs = syncfs
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+    def flush(self) -> None:
+        if self._syncfs(self._fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"syncfs: {os.strerror(errno)}")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def filesystem_flush(path: Path) -> Callable[[], FilesystemFlush] | None:
+    """A factory of FilesystemFlush for the filesystem holding `path`, or None where there is
+    no trustworthy syncfs (not Linux, a kernel before 5.8, no libc symbol): callers then fsync
+    every file and directory."""
+    if not sys.platform.startswith("linux") or _kernel_version() < SYNCFS_REPORTS_ERRORS:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes = [ctypes.c_int]
+    syncfs.restype = ctypes.c_int
+    return lambda: FilesystemFlush(path, syncfs)
+
+
+def _kernel_version() -> tuple[int, int]:
+    numbers = re.findall(r"\d+", os.uname().release)[:2]
+    return (int(numbers[0]), int(numbers[1])) if len(numbers) == 2 else (0, 0)
 
 
 def make_private_dir(path: Path) -> None:
