@@ -153,11 +153,27 @@ class Deliveries:
         delivery = self.by_name.get(name)
         return delivery is None or bool(delivery.unready_reason())
 
-    def fallback(self, entry: QueueEntry, *, for_size: bool) -> str:
-        """The upstream of the message's route that takes it over from its own; "" if none."""
-        current = entry.upstream or DEFAULT_UPSTREAM
+    def fallback(self, entry: QueueEntry, current: str, *, for_size: bool) -> str:
+        """The upstream of the message's route that takes it over from `current` (the one
+        holding it); "" if none. Only one that works is a target for a closed upstream's mail
+        (so two broken ones never pass it back and forth); a size refusal may also go to one
+        that is paused, to wait there."""
         known = [name for name in entry.route if name in self.by_name]  # a restart removed some?
-        return fallback_upstream(known, current, entry.refused, self.closed, for_size=for_size)
+        return fallback_upstream(
+            known, current, entry.refused, self._takes_no_fallbacks, for_size=for_size
+        )
+
+    def _takes_no_fallbacks(self, name: str) -> bool:
+        return not self.by_name[name].takes_fallbacks
+
+    def open_elsewhere(self, current: str) -> bool:
+        return any(d.takes_fallbacks for n, d in self.by_name.items() if n != current)
+
+    def upstream_works(self, name: str) -> None:
+        """Upstream `name` works again: the closed ones may hand it what they hold."""
+        for other, delivery in self.by_name.items():
+            if other != name:
+                delivery.request_drain()
 
     def enqueue(self, entry: QueueEntry) -> None:
         name = entry.upstream or DEFAULT_UPSTREAM

@@ -83,11 +83,15 @@ class Notices(Protocol):
 
 class Fallbacks(Protocol):
     """The other upstreams (daemon.Deliveries): which one of a message's route takes it over
-    from this one, and handing it to that one."""
+    from `current`, handing it to that one, and news of an upstream that works again."""
 
-    def fallback(self, entry: QueueEntry, *, for_size: bool) -> str: ...
+    def fallback(self, entry: QueueEntry, current: str, *, for_size: bool) -> str: ...
+
+    def open_elsewhere(self, current: str) -> bool: ...
 
     def enqueue(self, entry: QueueEntry) -> None: ...
+
+    def upstream_works(self, name: str) -> None: ...
 
 
 class Delivery:
@@ -112,6 +116,7 @@ class Delivery:
         self._fallbacks = fallbacks
         self._drain_task: asyncio.Task[None] | None = None
         self._drain_again = False
+        self._proven = True  # no set-up problem or outage since the last working session
         self._workers = max(1, min(settings.concurrency, connections))
         self._spool = spool
         self._upstream = upstream
@@ -179,7 +184,7 @@ class Delivery:
         if not self._stopping:
             self.scheduler.add(entry.queue_id, 0.0, State.INCOMING)
             if entry.route and self._closed():
-                self._request_drain()
+                self.request_drain()
 
     async def _reconcile(self) -> None:
         """Now and then, pick up queued messages nobody scheduled (a client that vanished
@@ -193,6 +198,7 @@ class Delivery:
                 found = await self.load_queue()
                 if self.paused:
                     await self._expire_while_paused()
+                self.request_drain()  # closed: what an upstream opened meanwhile can take
             except OSError:
                 log.exception("could not scan the spool")
                 continue
@@ -263,12 +269,13 @@ class Delivery:
             return
         self._paused_until = until
         self._pause_kind = kind
+        self._proven = self._proven and kind == "throttled"
         name = self._upstream.name
         self._metrics.upstream_paused.labels(upstream=name).set(1)
         self._metrics.upstream_pauses.labels(upstream=name, reason=kind).inc()
         fix = f"; fix: {hint}" if hint else ""
         log.error("upstream %s paused for %.0fs (%s): %s%s", name, seconds, kind, reason, fix)
-        self._request_drain()
+        self.request_drain()
 
     def replace_upstream(self, upstream: Upstream) -> None:
         """A reload changed this upstream's settings (credentials, sender policy, host): new
@@ -292,6 +299,22 @@ class Delivery:
             log.info("upstream %s works again", self._upstream.name)
         self._session_failures = 0
         self._metrics.upstream_paused.labels(upstream=self._upstream.name).set(0)
+
+    def _answered(self, decisions: list[Decision]) -> None:
+        """The upstream answered a message without a set-up problem: it works (a session
+        alone proves little: Graph's is only a token)."""
+        if self._proven or any(d.action is Action.PAUSE_UPSTREAM for d in decisions):
+            return
+        self._proven = True
+        if self._fallbacks is not None:
+            self._fallbacks.upstream_works(self._upstream.name)  # closed ones may hand it mail
+
+    @property
+    def takes_fallbacks(self) -> bool:
+        """True when other upstreams may hand messages to this one: not paused, and no set-up
+        problem or outage since it last worked (a pause that merely ran out does not count,
+        so two broken upstreams never pass their mail back and forth)."""
+        return self._proven and not self._closed()
 
     def unready_reason(self) -> str:
         """Why this upstream makes the relay not ready: paused for anything but throttling."""
@@ -459,13 +482,16 @@ class Delivery:
         else:
             kind = "unreachable"
         self._metrics.attempts.labels(upstream=self._upstream.name, outcome="no_session").inc()
-        self._pause(max(pause, self._pause_of(decision)), str(error), kind, decision.hint)
+        seconds = max(pause, self._pause_of(decision))
+        if kind == "configuration":  # tried again after setup_pause at the latest
+            seconds = min(seconds, self._settings.setup_pause)
+        self._pause(seconds, str(error), kind, decision.hint)
         if decision.refresh_token:
             await self._upstream.token_refused()
         if expired(entry.received_at, self._clock(), self._settings.max_age):
             await self._record(entry, {r.address: decision for r in entry.pending})
             return
-        if await self._handed_over(entry, kind):
+        if await self._handed_over(entry):
             return
         if await self._spool_call(self._spool.move, entry.queue_id, State.ACTIVE, State.DEFERRED):
             self.scheduler.add(entry.queue_id, self._paused_until, State.DEFERRED)
@@ -503,6 +529,7 @@ class Delivery:
             decisions = {a: classify_reply(stage, reply) for a, (stage, reply) in outcomes.items()}
             accepted = sum(1 for stage, _ in outcomes.values() if stage is not Stage.RCPT)
             self._pacer.take_recipients(self._clock(), accepted)  # what passed RCPT counts
+            self._answered(list(decisions.values()))
         await self._react(list(decisions.values()), session)
         if await self._handed_over_for_size(entry, decisions):
             return
@@ -539,13 +566,13 @@ class Delivery:
 
     # --- fallback: handing messages to the next upstream of their route ------------------------
 
-    async def _handed_over(self, entry: QueueEntry, kind: str) -> bool:
+    async def _handed_over(self, entry: QueueEntry) -> bool:
         """The message in hand could not be sent because this upstream closed: it goes to the
         next open upstream of its route, if it has one."""
         if self._fallbacks is None or not entry.route or not self._closed():
             return False
-        target = self._fallbacks.fallback(entry, for_size=False)
-        return bool(target) and await self._hand_over(entry, State.ACTIVE, target, kind)
+        target = self._fallbacks.fallback(entry, self._upstream.name, for_size=False)
+        return bool(target) and await self._hand_over(entry, State.ACTIVE, target, self._pause_kind)
 
     async def _handed_over_for_size(
         self, entry: QueueEntry, decisions: dict[str, Decision]
@@ -560,10 +587,10 @@ class Delivery:
         }
         if not too_big or self._fallbacks is None or not entry.route:
             return False
-        target = self._fallbacks.fallback(entry, for_size=True)
+        name = self._upstream.name
+        target = self._fallbacks.fallback(entry, name, for_size=True)
         if not target:
             return False
-        name = self._upstream.name
         recipients = []
         for rcpt in entry.recipients:
             decision = decisions.get(rcpt.address)
@@ -571,22 +598,28 @@ class Delivery:
                 recipients.append(replace(rcpt, reply=redact(str(decision.reply)), via=name))
             else:
                 recipients.append(_apply(rcpt, decision, name))
-                if rcpt.state is RcptState.PENDING and decision is not None:
-                    self._log_recipient(entry.queue_id, recipients[-1], decision)
+            if rcpt.state is RcptState.PENDING and decision is not None:
+                self._log_recipient(entry.queue_id, recipients[-1], decision)
+        now = self._clock()
         reply = redact(str(decisions[next(iter(too_big))].reply))
         updated = replace(
             entry.with_recipients(tuple(recipients)), refused=(*entry.refused, name)
-        ).after_attempt(Attempt(self._clock(), "deferred", reply), 0.0)
+        ).after_attempt(Attempt(now, "deferred", reply), 0.0)
         if await self._hand_over(updated, State.ACTIVE, target, "size"):
+            self._metrics.attempts.labels(upstream=name, outcome="handed_over").inc()
             return True
-        self.scheduler.add(  # keep it in active/: the next try sends and hands over again
-            entry.queue_id, self._clock() + self._settings.retry_initial, State.ACTIVE
-        )
+        # not saved: keep what this attempt learnt (delivered recipients are never sent
+        # again); the next try here is refused again and hands over again
+        due = now + self._settings.retry_initial
+        await self._store_outcome(_Outcome(replace(updated, next_attempt_at=due), "deferred", due))
         return True
 
-    async def _hand_over(self, entry: QueueEntry, src: State, target: str, reason: str) -> bool:
+    async def _hand_over(
+        self, entry: QueueEntry, src: State, target: str, reason: str, *, quiet: bool = False
+    ) -> bool:
         """Give a claimed message to upstream `target`: it is saved as that upstream's, due
-        now, in incoming/, and scheduled there. False when it could not be saved (it stays)."""
+        now, in incoming/, and scheduled there. False when it could not be saved (it stays).
+        `quiet`: one of many (a drain logs a summary), so logged at INFO."""
         assert self._fallbacks is not None
         moved = replace(
             entry,
@@ -607,7 +640,8 @@ class Delivery:
         self.scheduler.discard(entry.queue_id)
         name = self._upstream.name
         self._metrics.handovers.labels(upstream=name, to=target, reason=reason).inc()
-        log.warning(
+        log.log(
+            logging.INFO if quiet else logging.WARNING,
             "handed over from upstream %s to %s (%s)",
             name,
             target,
@@ -617,10 +651,16 @@ class Delivery:
         self._fallbacks.enqueue(moved)
         return True
 
-    def _request_drain(self) -> None:
-        """This upstream closed: queued messages whose route has an open upstream go there (in
-        the background; one pass at a time, another if asked meanwhile)."""
-        if self._fallbacks is None or self._stopping or not self._closed():
+    def request_drain(self) -> None:
+        """While this upstream is closed, its queued messages whose route has an upstream that
+        takes fallbacks go there (in the background; one pass at a time, another if asked
+        meanwhile). Nothing is read when no other upstream could take anything."""
+        if (
+            self._fallbacks is None
+            or self._stopping
+            or not self._closed()
+            or not self._fallbacks.open_elsewhere(self._upstream.name)
+        ):
             return
         self._drain_again = True
         if self._drain_task is None or self._drain_task.done():
@@ -630,16 +670,11 @@ class Delivery:
         while self._drain_again and self._closed() and not self._stopping:
             self._drain_again = False
             queued = [item for item in self.scheduler.snapshot() if item[1] is not State.ACTIVE]
-            try:
-                routed = await self._spool_call(self._with_route, queued)
-            except OSError:
-                log.exception("could not scan the queue for fallbacks")
-                return
             moved = 0
-            for queue_id, state in routed:
+            for start in range(0, len(queued), DRAIN_BATCH):
                 if self._stopping or not self._closed():
-                    return
-                moved += await self._hand_over_queued(queue_id, state)
+                    break
+                moved += await self._drain_some(queued[start : start + DRAIN_BATCH])
             if moved:
                 log.warning(
                     "upstream %s is paused (%s): %d queued messages handed to the next "
@@ -649,32 +684,66 @@ class Delivery:
                     moved,
                 )
 
-    def _with_route(self, items: list[tuple[str, State]]) -> list[tuple[str, State]]:
+    async def _drain_some(self, items: list[tuple[str, State]]) -> int:
+        assert self._fallbacks is not None
+        try:
+            routed = await self._spool_call(self._routed_entries, items)
+        except OSError:
+            log.exception("could not scan the queue for fallbacks")
+            return 0
+        moved = 0
+        name = self._upstream.name
+        for queue_id, state, entry in routed:
+            if self._stopping or not self._closed():
+                break
+            if self.scheduler.state_of(queue_id) is not state:
+                continue  # taken or rescheduled meanwhile
+            if not self._fallbacks.fallback(entry, name, for_size=False):
+                continue  # decided before claiming: nothing is claimed only to be put back
+            try:
+                moved += await self._hand_over_queued(queue_id, state)
+            except Exception:
+                log.exception("could not hand the message over", extra={"queue_id": queue_id})
+                # it may be left in active/: a worker retries it from there
+                self.scheduler.add(
+                    queue_id, self._clock() + self._settings.retry_initial, State.ACTIVE
+                )
+        return moved
+
+    def _routed_entries(
+        self, items: list[tuple[str, State]]
+    ) -> list[tuple[str, State, QueueEntry]]:
         found = []
         for queue_id, state in items:
             try:
-                if self._spool.load(state, queue_id).route:
-                    found.append((queue_id, state))
+                entry = self._spool.load(state, queue_id)
             except (OSError, SpoolError):
                 continue  # moved meanwhile, or corrupt (its delivery attempt quarantines it)
+            if entry.route and self._accepts(entry.upstream):
+                found.append((queue_id, state, entry))
         return found
 
     async def _hand_over_queued(self, queue_id: str, state: State) -> bool:
+        """Claim a queued message, hand it over if it is still this upstream's and still has
+        somewhere to go, else put it back where it was and schedule it again."""
         assert self._fallbacks is not None
         if not await self._spool_call(self._spool.claim, queue_id, state):
-            return False
+            return False  # a worker or the CLI got there first
         try:
-            entry = await self._spool_call(self._spool.load, State.ACTIVE, queue_id)
+            entry: QueueEntry | None = await self._spool_call(
+                self._spool.load, State.ACTIVE, queue_id
+            )
         except (OSError, SpoolError):
             entry = None
-        target = self._fallbacks.fallback(entry, for_size=False) if entry is not None else ""
-        if (
-            entry is not None
-            and target
-            and await self._hand_over(entry, State.ACTIVE, target, self._pause_kind)
-        ):
-            return True
-        await self._spool_call(self._spool.move, queue_id, State.ACTIVE, state)  # unclaimed
+        if entry is not None and self._accepts(entry.upstream):
+            target = self._fallbacks.fallback(entry, self._upstream.name, for_size=False)
+            if target and await self._hand_over(
+                entry, State.ACTIVE, target, self._pause_kind, quiet=True
+            ):
+                return True
+        if await self._spool_call(self._spool.move, queue_id, State.ACTIVE, state):
+            due = entry.next_attempt_at if entry is not None and state is State.DEFERRED else 0.0
+            self.scheduler.add(queue_id, due, state)
         return False
 
     # --- recording outcomes --------------------------------------------------------------------
@@ -737,7 +806,7 @@ class Delivery:
         if not entry.done:
             self.scheduler.add(entry.queue_id, outcome.due, State.DEFERRED)
             if entry.route and self._closed():
-                self._request_drain()
+                self.request_drain()
         if self._notices is None:
             return
         if entry.done and entry.any_failed:
@@ -828,6 +897,7 @@ async def requeue_active(spool: Spool) -> None:
         log.warning("requeued %d messages still in flight at shutdown", requeued)
 
 
+DRAIN_BATCH = 500  # queued messages read per step of a drain
 RELEASE_AFTER = 600.0  # seconds a replaced upstream's resources are kept for sessions in use
 
 

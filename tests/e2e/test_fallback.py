@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import MAILBOX, RelayFactory, exchange_config
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, MAILBOX, RelayFactory, exchange_config
 from tests.fakes.entra import FakeEntra
 from tests.fakes.exchange import FakeExchange
 from tests.fakes.graph import FakeGraph
@@ -212,3 +212,53 @@ def test_a_message_too_large_for_graph_goes_by_smtp_and_each_recipient_records_i
     assert metrics['relay_handovers_total{reason="size",to="default",upstream="graph"}'] == 1
     assert metrics['relay_upstream_paused{upstream="graph"}'] == 0
     wait_until(lambda: spool_state(tmp_path / "spool", small) is None, TIMEOUT, "delivered")
+
+
+def test_two_closed_upstreams_keep_their_mail_and_hand_it_over_once_one_works(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    graph: FakeGraph,
+    relay_factory: RelayFactory,
+) -> None:
+    """Both closed: nothing is passed back and forth while their pauses run out and are
+    renewed; once Graph works again, what the SMTP upstream holds moves to it."""
+    smtp_auth(exchange, enabled=False)
+    entra.register_app(CLIENT_ID, secret=CLIENT_SECRET, roles=("SMTP.SendAsApp",))  # no Mail.Send
+    relay = relay_factory(
+        fallback_config(
+            tmp_path,
+            pki,
+            entra,
+            exchange,
+            graph,
+            route=["default", "graph"],
+            delivery={"setup_pause": "1s", "retry_initial": "1s", "retry_max": "1s"},
+        )
+    )
+    first = submit(relay, ["bob@example.org"], message(1))
+    relay.wait_for_log(rf"\[{first}\] handed over from upstream default to graph")
+    relay.wait_for_log(r"upstream graph paused for \d+s \(configuration\): .*Mail\.Send")
+    held = [submit(relay, [f"user{n}@example.org"], message(n)) for n in range(2, 5)]
+    for cycle in range(3):  # default's pause runs out and is renewed: nothing moves back
+        relay.wait_for_log(r"upstream default paused", since=len(relay.lines))
+    metrics = relay.metrics()
+    handed = 'relay_handovers_total{reason="configuration",to="graph",upstream="default"}'
+    assert metrics[handed] == 1
+    assert (
+        metrics.get(
+            'relay_handovers_total{reason="configuration",to="default",upstream="graph"}', 0
+        )
+        == 0
+    )
+    assert graph.sent == [] and exchange.messages == []
+
+    entra.register_app(CLIENT_ID, secret=CLIENT_SECRET, roles=("SMTP.SendAsApp", "Mail.Send"))
+    graph.wait_for_sent(4, TIMEOUT)  # graph works: the first, then what default held
+    relay.wait_for_log("upstream graph works again")
+    for queue_id in (first, *held):
+        wait_until(
+            lambda q=queue_id: spool_state(tmp_path / "spool", q) is None, TIMEOUT, "delivered"
+        )
+    assert exchange.messages == []
