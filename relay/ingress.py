@@ -671,7 +671,11 @@ class RelaySMTP(SMTP):
         self._sessions.discard(self)  # done: it no longer counts against any limit
         if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
             self._eof_sent = True
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the client closed first (ENOTCONN): nothing left to be gentle to
+                transport.close()
+                return
             self.loop.call_later(LINGER, transport.close)
         else:
             transport.close()

@@ -193,3 +193,23 @@ def test_example_config_is_valid_once_its_secret_file_exists(tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert 'client_secret = "**********"' in result.stdout
     assert "value-from-the-portal" not in result.stdout + result.stderr
+
+
+def test_clients_that_quit_and_close_at_once_leave_no_error_in_the_log(
+    exchange_relay: RelayProcess,
+) -> None:
+    """smtp-source and many scripts send QUIT and close without reading the 221: the relay's
+    gentle close (FIN, then linger) meets a socket that is already gone, which is normal."""
+    import socket
+
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", exchange_relay.smtp_port), timeout=10) as sock:
+            sock.recv(1024)  # the banner
+            sock.sendall(b"EHLO quick.example\r\n")
+            sock.recv(1024)
+            sock.sendall(b"QUIT\r\n")  # and close without reading the 221
+    with smtplib.SMTP("127.0.0.1", exchange_relay.smtp_port, timeout=10) as client:
+        assert client.noop()[0] == 250  # still serving, and every session before has ended
+    exchange_relay.wait_for_log(r"ready: ")
+    errors = [line for line in exchange_relay.lines if " ERROR " in line or "Traceback" in line]
+    assert errors == []
