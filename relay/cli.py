@@ -17,13 +17,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from relay import __version__, doctor, localauth, queuetool, sendtest
+from relay import __version__, localauth, queuetool
 from relay.config import Settings, load_settings, parse_host_port, render
 from relay.errors import ConfigError, RelayError
 from relay.logs import setup_logging
 from relay.spool import Spool, State
+
+if TYPE_CHECKING:
+    from relay import doctor
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
@@ -215,6 +218,8 @@ def _print_summary(shape: dict[str, dict[str, int]], as_json: bool) -> None:
 
 
 def send_test(args: argparse.Namespace) -> int:
+    from relay import sendtest  # noqa: PLC0415 - only for this command
+
     settings = load_settings(args.config)
     _daemon_spool(settings)
     sender = args.sender or settings.upstream.mailbox or f"postmaster@{settings.smtp.hostname}"
@@ -227,6 +232,8 @@ def send_test(args: argparse.Namespace) -> int:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
+    from relay import doctor  # noqa: PLC0415 - its probes are not needed to serve
+
     path = args.config or args.config_path
     source = str(path or os.environ.get("RELAY_CONFIG") or "the environment")
     emit = (lambda step: None) if args.json else _print_step

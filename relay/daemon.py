@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from relay.bounces import Bouncer
 from relay.config import (
@@ -31,7 +32,6 @@ from relay.config import (
 )
 from relay.delivery import Delivery, requeue_active
 from relay.errors import ConfigError
-from relay.graph import GraphUpstream
 from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler
 from relay.localauth import LocalUser
 from relay.logs import register_secret
@@ -49,8 +49,7 @@ from relay.pacing import Budget, Pacer
 from relay.policy import Routed, RouteRule, choose_route, fallback_upstream, first_open
 from relay.sender import SenderPolicy
 from relay.servertls import TlsConfigError
-from relay.spool import Spool
-from relay.tokens import MsalTokenProvider
+from relay.spool import RecoveryReport, Spool, State
 from relay.upstream import (
     ExchangeOnlineUpstream,
     MaildirUpstream,
@@ -58,6 +57,10 @@ from relay.upstream import (
     Upstream,
     client_tls_context,
 )
+
+if TYPE_CHECKING:  # imported where used: msal and httpx only for the upstreams that need them
+    from relay.graph import GraphUpstream
+    from relay.tokens import MsalTokenProvider
 
 log = logging.getLogger("relay.daemon")
 
@@ -182,9 +185,12 @@ class Deliveries:
     def unready_reason(self) -> str:
         return next((r for d in self.by_name.values() if (r := d.unready_reason())), "")
 
-    async def load_queue(self) -> int:
-        counts = await asyncio.gather(*(d.load_queue() for d in self.by_name.values()))
-        return sum(counts)
+    def schedule(self, found: list[tuple[str, State, float, str]]) -> None:
+        """Queued messages found at start-up, each to the delivery of its upstream."""
+        for queue_id, state, due, upstream in found:
+            name = upstream or DEFAULT_UPSTREAM
+            delivery = self.by_name.get(name, self.by_name[DEFAULT_UPSTREAM])
+            delivery.schedule_found(queue_id, state, due)
 
     def start(self) -> None:
         for delivery in self.by_name.values():
@@ -269,6 +275,29 @@ async def run(
             remove_stop_handlers(loop)
 
 
+async def _check_queue(
+    spool: Spool, report: RecoveryReport, delivery: Deliveries, metrics: Metrics
+) -> None:
+    """After the ready line, while mail is accepted: read every queued entry once, set aside
+    what cannot be delivered, and schedule the rest. A large backlog (after an outage) never
+    delays accepting mail."""
+    started = time.monotonic()
+    try:
+        await asyncio.to_thread(spool.check_entries, report)
+    except OSError:
+        log.exception("could not check the queue; the next rescan schedules what it finds")
+        return
+    metrics.quarantined.inc(len(report.quarantined))
+    delivery.schedule(report.scheduled)
+    log.info(
+        "queue: %d messages scheduled, %d set aside in corrupt/ (checked in %.2fs)",
+        report.queued,
+        len(report.quarantined),
+        time.monotonic() - started,
+    )
+    report.scheduled.clear()
+
+
 async def _serve(
     settings: Settings,
     spool: Spool,
@@ -278,13 +307,13 @@ async def _serve(
 ) -> None:
     started = time.monotonic()
     metrics = Metrics()
-    report = await asyncio.to_thread(spool.recover)
+    report = await asyncio.to_thread(spool.recover_start)
     metrics.requeued_in_flight.inc(len(report.requeued))
     metrics.quarantined.inc(len(report.quarantined))
     if report.requeued or report.quarantined or report.removed_partial:
         log.warning(
-            "spool recovered: %d in flight requeued (possible duplicates), %d quarantined in "
-            "corrupt/, %d partial files removed",
+            "spool recovered: %d in flight requeued (possible duplicates), %d stray files set "
+            "aside in corrupt/, %d partial files removed",
             len(report.requeued),
             len(report.quarantined),
             report.removed_partial,
@@ -293,7 +322,6 @@ async def _serve(
         lambda: {state.value: n for state, n in spool.depth().items()}, spool.oldest_queued
     )
     delivery = Deliveries(settings, spool, metrics)
-    queued = await delivery.load_queue()
     smtp = settings.smtp
     limits = IngressLimits.from_settings(smtp)
     handler = RelayHandler(
@@ -326,18 +354,19 @@ async def _serve(
         delivery.start()
         running.smtp = list(ingress.bound)
         log.info(
-            "ready: smtp=%s metrics=%s upstreams=%s queued=%d startup=%.2fs",
+            "ready: smtp=%s metrics=%s upstreams=%s startup=%.2fs",
             ",".join(_join_host_port(h, p) for h, p in ingress.bound),
             _join_host_port(host, running.metrics_port) if running.metrics_port else "off",
             ",".join(f"{n}:{u.kind}" for n, u in settings.all_upstreams().items()),
-            queued,
             time.monotonic() - started,
         )
+        checking = asyncio.create_task(_check_queue(spool, report, delivery, metrics))
         watchdog = _start_watchdog()
         reloader.ready = True
-        sd_notify("READY=1", f"STATUS=ready, {queued} queued")
+        sd_notify("READY=1", "STATUS=ready")
         running.ready.set()
         await stop.wait()
+        checking.cancel()  # a check still running is only reading; the rescan finishes it
         sd_notify("STOPPING=1", "STATUS=draining")
         if watchdog is not None:
             watchdog.cancel()
@@ -485,6 +514,8 @@ def token_source(
     name: str, upstream: UpstreamSettings, metrics: Metrics
 ) -> tuple[Callable[[], Awaitable[str]], MsalTokenProvider]:
     """Tokens from MSAL for the upstream's app, counted and with their expiry exported."""
+    from relay.tokens import MsalTokenProvider  # noqa: PLC0415 - msal: OAuth upstreams only
+
     provider = MsalTokenProvider(upstream.oauth)
     metrics.token_expiry.labels(upstream=name).set_function(
         lambda: max(0.0, provider.expires_at - time.time())
@@ -509,6 +540,8 @@ def graph_upstream(
     tokens: Callable[[], Awaitable[str]],
     provider: MsalTokenProvider,
 ) -> GraphUpstream:
+    from relay.graph import GraphUpstream  # noqa: PLC0415 - httpx: Graph upstreams only
+
     mailbox = upstream.mailbox
     app = upstream.oauth.client_id
     return GraphUpstream(

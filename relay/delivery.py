@@ -179,6 +179,12 @@ class Delivery:
                 found.append((queue_id, due, state))
         return found
 
+    def schedule_found(self, queue_id: str, state: State, due: float) -> None:
+        """A queued message found by the start-up check; one the scheduler already knows
+        (enqueued or moved since) is left as it is."""
+        if not self._stopping and self.scheduler.state_of(queue_id) is None:
+            self.scheduler.add(queue_id, due, state)
+
     def enqueue(self, entry: QueueEntry) -> None:
         """A new message was committed to incoming/: deliver it as soon as a worker is free."""
         if not self._stopping:

@@ -73,6 +73,8 @@ class RecoveryReport:
     quarantined: list[str] = field(default_factory=list)
     removed_partial: int = 0
     queued: int = 0
+    # queued messages as found: id, state, due time (0: now), upstream ("" = the default)
+    scheduled: list[tuple[str, State, float, str]] = field(default_factory=list, compare=False)
 
 
 def _write_new(path: Path, parts: tuple[bytes, ...], written: list[Path]) -> None:
@@ -362,21 +364,37 @@ class Spool:
     # --- start-up ------------------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
-        """Make the spool consistent after a crash. Run before accepting or delivering."""
+        """Make the spool consistent after a crash: `recover_start`, then `check_entries`."""
+        report = self.recover_start()
+        self.check_entries(report)
+        return report
+
+    def recover_start(self) -> RecoveryReport:
+        """The part of recovery that must come before accepting and delivering, and reads no
+        metadata (quick with any queue): half-written files in tmp/ removed, messages that
+        were in flight back to incoming/, stray files set aside, bodies that no metadata file
+        names removed (never acknowledged, or already finished)."""
         report = RecoveryReport()
         report.removed_partial += self._clear_tmp()
         for queue_id in list(self.ids(State.ACTIVE)):
             if self.move(queue_id, State.ACTIVE, State.INCOMING):
                 report.requeued.append(queue_id)
         self._quarantine_strays(report)
-        known: set[str] = set()
+        named = {queue_id for state in State for queue_id in self.ids(state)}
+        report.removed_partial += self._remove_orphan_bodies(named)
+        return report
+
+    def check_entries(self, report: RecoveryReport) -> RecoveryReport:
+        """Read every stored entry once: quarantine what cannot be read, or whose body is
+        missing or of another size, and list what is queued (for the scheduler). Safe while
+        the daemon accepts and delivers: entries that move or finish meanwhile are skipped."""
         for state in (State.INCOMING, State.DEFERRED, State.FAILED, State.HOLD):
             for queue_id in list(self.ids(state)):
-                if self._check_entry(state, queue_id, report):
-                    known.add(queue_id)
-                    if state in QUEUED_STATES:
-                        report.queued += 1
-        report.removed_partial += self._remove_orphan_bodies(known)
+                entry = self._check_entry(state, queue_id, report)
+                if entry is not None and state in QUEUED_STATES:
+                    report.queued += 1
+                    due = entry.next_attempt_at if state is State.DEFERRED else 0.0
+                    report.scheduled.append((queue_id, state, due, entry.upstream))
         return report
 
     def _clear_tmp(self) -> int:
@@ -398,22 +416,28 @@ class Spool:
                 report.quarantined.append(name)
                 log.error("stray file %s in %s/ moved to corrupt/", name, state.value)
 
-    def _check_entry(self, state: State, queue_id: str, report: RecoveryReport) -> bool:
+    def _check_entry(
+        self, state: State, queue_id: str, report: RecoveryReport
+    ) -> QueueEntry | None:
+        """The entry if it can be delivered; None if it moved meanwhile or was set aside."""
         try:
             entry = self.load(state, queue_id)
             size = self.body_path(queue_id).stat().st_size
-        except CorruptEntry as exc:
-            self.quarantine(queue_id, state, f"unreadable metadata: {exc.reason}")
         except FileNotFoundError:
-            self.quarantine(queue_id, state, "message body is missing")
+            if not self.meta_path(state, queue_id).exists():
+                return None  # moved or finished meanwhile
+            problem = "message body is missing"
+        except CorruptEntry as exc:
+            problem = f"unreadable metadata: {exc.reason}"
         except OSError as exc:
-            self.quarantine(queue_id, state, f"cannot read: {exc}")
+            problem = f"cannot read: {exc}"
         else:
             if size == entry.size:
-                return True
-            self.quarantine(queue_id, state, f"body is {size} bytes, metadata says {entry.size}")
+                return entry
+            problem = f"body is {size} bytes, metadata says {entry.size}"
+        self.quarantine(queue_id, state, problem)
         report.quarantined.append(queue_id)
-        return False
+        return None
 
     def _remove_orphan_bodies(self, known: set[str]) -> int:
         """Bodies without metadata were never acknowledged (or already finished): remove."""

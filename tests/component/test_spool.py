@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -634,3 +635,51 @@ def test_recover_keeps_held_messages_and_their_bodies(spool: Spool) -> None:
     assert spool.read_body(entry.queue_id) == BODY
     assert report.quarantined == []
     assert report.queued == 0
+
+
+# --- start-up in two parts: recover_start before accepting, check_entries while running ----------
+
+
+def test_recover_start_reads_no_metadata_and_check_entries_lists_the_queue(spool: Spool) -> None:
+    waiting = make_entry()
+    later = replace(make_entry(), next_attempt_at=1_764_000_900.0, upstream="invoices")
+    spool.commit(waiting, BODY)
+    spool.commit(later, BODY)
+    spool.move(later.queue_id, State.INCOMING, State.DEFERRED)
+    broken = make_entry()
+    spool.commit(broken, BODY)
+    spool.meta_path(State.INCOMING, broken.queue_id).write_bytes(b"{not json")
+
+    report = spool.recover_start()
+    assert report.quarantined == [] and report.scheduled == []
+    assert spool.find(broken.queue_id) is State.INCOMING  # not read yet: still in place
+
+    spool.check_entries(report)
+    assert report.quarantined == [broken.queue_id]
+    assert sorted(report.scheduled) == sorted(
+        [
+            (waiting.queue_id, State.INCOMING, 0.0, ""),
+            (later.queue_id, State.DEFERRED, 1_764_000_900.0, "invoices"),
+        ]
+    )
+    assert report.queued == 2
+
+
+def test_check_entries_skips_what_finishes_meanwhile(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message delivered (metadata then body removed) between the check's reads is skipped,
+    never quarantined as 'body missing'."""
+    done = make_entry()
+    spool.commit(done, BODY)
+    real_load = Spool.load
+
+    def load_then_finish(self: Spool, state: State, queue_id: str) -> QueueEntry:
+        entry = real_load(self, state, queue_id)
+        self.remove(queue_id, state)  # a worker delivered it right after the check read it
+        return entry
+
+    monkeypatch.setattr(Spool, "load", load_then_finish)
+    report = spool.check_entries(spool.recover_start())
+    assert report.quarantined == [] and report.scheduled == []
+    assert not list(spool.dir(State.CORRUPT).iterdir())
