@@ -33,6 +33,7 @@ from pathlib import Path
 HOST = "127.0.0.1"
 MIB = 1024 * 1024
 READY = re.compile(r"ready: smtp=(\S+) metrics=\S+.* startup=([\d.]+)s")
+QUEUE_CHECKED = re.compile(r"queue: \d+ messages scheduled")  # the start-up check is done
 MAX_MESSAGE_SIZE = 40 * MIB  # a 30 MiB scan plus headers fits
 
 
@@ -224,6 +225,7 @@ class Relay:
         self.ready_seconds = 0.0  # process start to the ready line, seen from outside
         self.startup_logged = 0.0  # the ready line's own startup= figure
         self._token = 0
+        self.started = 0.0
 
     @property
     def pid(self) -> int:
@@ -245,6 +247,7 @@ class Relay:
                 start_new_session=True,  # Ctrl-C reaches the harness only; it stops us
             )
         self._token = RUNNING.add(self.stop)
+        self.started = started
         self._wait_ready(started, timeout)
 
     def _wait_ready(self, started: float, timeout: float) -> None:
@@ -268,6 +271,18 @@ class Relay:
                     raise RuntimeError(f"oauth-relay not ready:\n{self.log_tail()}")
                 if not chunk:
                     time.sleep(0.002)
+
+    def wait_for_log(self, pattern: re.Pattern[str], timeout: float = 300) -> float:
+        """Seconds from the process start until a log line matching `pattern` (read again
+        from the top, so a line already written counts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pattern.search(self.log_path.read_text(encoding="utf-8", errors="replace")):
+                return time.monotonic() - self.started
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"oauth-relay never logged {pattern.pattern!r}:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         try:

@@ -83,6 +83,7 @@ import loadgen
 from mta import (
     HOST,
     MIB,
+    QUEUE_CHECKED,
     RUNNING,
     ClosedPort,
     Postfix,
@@ -354,11 +355,13 @@ def queued(ctx: Context, system: str) -> dict[str, float]:
         filled = fill_spool(work / "spool", count)
         with running(system, work, port) as mta:
             assert isinstance(mta, Relay)
+            scheduled = mta.wait_for_log(QUEUE_CHECKED)  # RSS once every entry is scheduled
             memory = settled_memory(mta)
             return {
                 "queued-rss": memory / MIB,
                 "queued-ready": mta.ready_seconds,
                 "queued-startup": mta.startup_logged,
+                "queued-scheduled": scheduled,
                 "queued-fill": filled,
             }
 
@@ -695,6 +698,7 @@ EXTRAS = {  # figures a measurement returns besides its table rows
     "e2e-submit": ("end to end: the submission part alone (msg/s)", "{:.0f}"),
     "latency-max": ("delivery latency idle, highest of a run (ms)", "{:.1f}"),
     "queued-startup": ("queued: the ready line's own startup= (s)", "{:.2f}"),
+    "queued-scheduled": ("queued: start to every queued message scheduled (s)", "{:.2f}"),
     "queued-fill": ("queued: writing the spool, by this script (s)", "{:.1f}"),
     "peak30m-idle": ("peak: idle memory before the scans (MiB)", "{:.0f}"),
     "peak30m-peak": ("peak: highest memory (MiB)", "{:.0f}"),

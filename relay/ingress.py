@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from email.utils import formatdate
 from typing import Any
 
@@ -787,6 +789,22 @@ class RelaySMTP(SMTP):
         self._throttle.success(client, time.monotonic())
         log.info("AUTH from %s as user %s", client, user.name)
         return AuthResult(success=True, handled=False, auth_data=user)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser, unchanged in what it accepts, without the class it
+        defines on every call (a typing Protocol: about 5% of the CPU of a MAIL or RCPT)."""
+        if not arg:
+            return "", ""
+        try:
+            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+            address, rest = parse(arg)
+        except HeaderParseError:
+            return None, None
+        addr: str = address.addr_spec
+        local_part = addr.rpartition("@")[0]
+        if self.local_part_limit and len(local_part) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     # --- DATA ---------------------------------------------------------------------------------
 
