@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import json
 import os
 import re
 import signal
@@ -44,6 +43,8 @@ import time
 from dataclasses import dataclass, field
 from email.utils import formatdate, make_msgid
 from pathlib import Path
+
+from mta import proc_status, write_toml
 
 MIB = 1024 * 1024
 HOST = "127.0.0.1"
@@ -103,16 +104,6 @@ def wire_form(message: bytes) -> bytes:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))
-
-
 def write_config(directory: Path, *, blocked: bool) -> Path:
     if blocked:
         # a path under a regular file: the maildir cannot be created, delivery never opens a
@@ -135,25 +126,7 @@ def write_config(directory: Path, *, blocked: bool) -> Path:
         "metrics": {"listen": ""},
         "log": {"level": "info", "format": "text"},
     }
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
-        lines.append("")
-    path = directory / "relay.toml"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of `pid`, in bytes."""
-    values: dict[str, int] = {}
-    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
+    return write_toml(directory / "relay.toml", sections)
 
 
 class Daemon:

@@ -200,12 +200,16 @@ def relay_config(work: Path, upstream_port: int, concurrency: int) -> Path:
         "metrics": {"listen": ""},
         "log": {"level": "info", "format": "text"},
     }
+    return write_toml(work / "relay.toml", sections)
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, object]]) -> Path:
+    """A config file of flat sections (enough for the relay's)."""
     lines: list[str] = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
         lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items())
         lines.append("")
-    path = work / "relay.toml"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
