@@ -5,13 +5,14 @@ changed; `<state>/<id>.json` holds its envelope and per-recipient state. The met
 commit marker, and a message changes state only by an atomic rename of it between the state
 directories incoming/, active/, deferred/, failed/ and corrupt/. `tmp/` holds metadata being
 written. `commit()` returns only once body, metadata and both directory entries are fsynced;
-`commit_batch()` does the same for several messages with shared flushes (Linux syncfs; one
-fsync per file and directory elsewhere): group commit.
+`commit_batch()` (group commit, Linux syncfs) writes several messages' bodies and their
+metadata in tmp/, flushes once, then renames the metadata into incoming/: from the flush on,
+a complete `tmp/<id>.json` with its complete body is itself a committed message.
 
-Recovery at start-up removes half-written files, requeues active/ (in flight when the process
-died) and quarantines anything unreadable in corrupt/, never deleting it. Every operation
-tolerates ENOENT where another worker or the CLI may have got there first.
-Synchronous by design: async callers run it in a worker thread.
+Recovery at start-up promotes such tmp/ entries to incoming/, removes half-written files,
+requeues active/ (in flight when the process died) and quarantines anything unreadable in
+corrupt/, never deleting it. Every operation tolerates ENOENT where another worker or the CLI
+may have got there first. Synchronous by design: async callers run it in a worker thread.
 """
 
 from __future__ import annotations
@@ -191,10 +192,14 @@ class Spool:
             raise SpoolError(f"{queue_id}: commit failed: {exc}") from exc
 
     def commit_batch(self, messages: Sequence[NewMessage]) -> list[SpoolError | None]:
-        """Store new messages durably in incoming/ with two shared flushes (bodies, then
-        metadata) instead of four fsyncs each. Per message: None once it is on stable storage,
-        or the error; a failed flush fails every message of the batch, and a failed message
-        leaves nothing behind. Without a shared flush, each is committed on its own."""
+        """Store new messages durably with one shared flush instead of four fsyncs each.
+
+        Bodies go to data/ and metadata to tmp/<id>.json, all flushed together; then the
+        metadata is renamed into incoming/. The rename is not flushed: a complete tmp/ entry
+        whose body is complete is itself the commit (recovery promotes it to incoming/), so
+        the message is safe from the flush on. Per message: None once it is on stable
+        storage, or the error; a failed flush fails every message of the batch, and a failed
+        message leaves nothing behind. Without a shared flush, each is committed alone."""
         if self._flush is None:
             return [self._commit_alone(*message) for message in messages]
         errors: list[SpoolError | None] = [None] * len(messages)
@@ -206,11 +211,12 @@ class Spool:
         try:
             for number, (entry, body, head) in enumerate(messages):
                 errors[number] = self._write_body(entry, body, head, written[number])
-            flush.flush()  # bodies and their directory entries
-            for number, (entry, _, _) in enumerate(messages):
                 if errors[number] is None:
                     errors[number] = self._write_meta(entry, written[number])
-            flush.flush()  # metadata and its renames into incoming/
+            flush.flush()  # bodies, metadata and their directory entries: the commit
+            for number, (entry, _, _) in enumerate(messages):
+                if errors[number] is None:
+                    errors[number] = self._publish(entry, written[number])
         except Exception as exc:  # a flush failed: nothing of the batch is known to be durable
             errors = [
                 e or _commit_failed(m[0].queue_id, exc)
@@ -241,15 +247,23 @@ class Spool:
         return None
 
     def _write_meta(self, entry: QueueEntry, written: list[Path]) -> SpoolError | None:
-        queue_id = entry.queue_id
-        tmp_meta = self.tmp / f"{queue_id}.json"
+        tmp_meta = self.tmp / f"{entry.queue_id}.json"
         try:
             write_private_file(tmp_meta, entry.dumps(), sync=False)
-            written.append(tmp_meta)
-            os.replace(tmp_meta, self.meta_path(State.INCOMING, queue_id))
-            written[-1] = self.meta_path(State.INCOMING, queue_id)
         except Exception as exc:  # also metadata that cannot be encoded: this message only
+            return _commit_failed(entry.queue_id, exc)
+        written.append(tmp_meta)
+        return None
+
+    def _publish(self, entry: QueueEntry, written: list[Path]) -> SpoolError | None:
+        """tmp/ -> incoming/, where delivery looks (durable with the next flush or fsync;
+        until then recovery would promote the tmp/ entry the same way)."""
+        queue_id = entry.queue_id
+        try:
+            os.replace(written[-1], self.meta_path(State.INCOMING, queue_id))
+        except OSError as exc:
             return _commit_failed(queue_id, exc)
+        written[-1] = self.meta_path(State.INCOMING, queue_id)
         return None
 
     # --- reading -------------------------------------------------------------------------------
@@ -375,7 +389,7 @@ class Spool:
         were in flight back to incoming/, stray files set aside, bodies that no metadata file
         names removed (never acknowledged, or already finished)."""
         report = RecoveryReport()
-        report.removed_partial += self._clear_tmp()
+        report.removed_partial += self._settle_tmp(report)
         for queue_id in list(self.ids(State.ACTIVE)):
             if self.move(queue_id, State.ACTIVE, State.INCOMING):
                 report.requeued.append(queue_id)
@@ -397,12 +411,38 @@ class Spool:
                     report.scheduled.append((queue_id, state, due, entry.upstream))
         return report
 
-    def _clear_tmp(self) -> int:
+    def _settle_tmp(self, report: RecoveryReport) -> int:
+        """A new message's metadata in tmp/ with its complete body was committed (group
+        commit flushes both before the rename into incoming/): it goes to incoming/, counted
+        with the requeued (it may have been acknowledged or not: a duplicate is possible).
+        Everything else in tmp/ is a partial write and is removed. Returns how many removed."""
         removed = 0
         for item in self.tmp.iterdir():
-            if item.is_file() and unlink_quietly(item):
+            if not item.is_file():
+                continue
+            queue_id = item.name.removesuffix(".json")
+            if item.name.endswith(".json") and valid_queue_id(queue_id) and self._complete(item):
+                os.replace(item, self.meta_path(State.INCOMING, queue_id))
+                report.requeued.append(queue_id)
+                continue
+            if unlink_quietly(item):
                 removed += 1
+        if report.requeued:
+            fsync_dir(self.dir(State.INCOMING))
         return removed
+
+    def _complete(self, tmp_meta: Path) -> bool:
+        """A committed new message: its metadata parses, names it, is nowhere else yet, and
+        its body has the size the metadata says."""
+        queue_id = tmp_meta.name.removesuffix(".json")
+        if self.find(queue_id) is not None:
+            return False  # already published: this is a stale copy
+        try:
+            entry = QueueEntry.loads(tmp_meta.read_bytes())
+            size = self.body_path(queue_id).stat().st_size
+        except (OSError, ValueError):
+            return False
+        return entry.queue_id == queue_id and size == entry.size
 
     def _quarantine_strays(self, report: RecoveryReport) -> None:
         """Files in state directories that are not `<id>.json` are set aside, not deleted."""

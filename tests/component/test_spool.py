@@ -683,3 +683,47 @@ def test_check_entries_skips_what_finishes_meanwhile(
     report = spool.check_entries(spool.recover_start())
     assert report.quarantined == [] and report.scheduled == []
     assert not list(spool.dir(State.CORRUPT).iterdir())
+
+
+# --- group commit's commit marker: a complete tmp/ entry ------------------------------------------
+
+
+def flushed_but_not_published(spool: Spool, body: bytes = BODY) -> QueueEntry:
+    """What a crash leaves after group commit's flush and before the rename into incoming/."""
+    entry = make_entry(body)
+    spool.body_path(entry.queue_id).write_bytes(body)
+    (spool.tmp / f"{entry.queue_id}.json").write_bytes(entry.dumps())
+    return entry
+
+
+def test_recover_promotes_a_committed_tmp_entry(spool: Spool) -> None:
+    entry = flushed_but_not_published(spool)
+    report = spool.recover()
+    assert spool.load(State.INCOMING, entry.queue_id) == entry
+    assert report.requeued == [entry.queue_id]  # possibly acknowledged: counted as in flight
+    assert report.queued == 1
+    assert names(spool.tmp) == []
+
+
+def test_recover_removes_a_tmp_entry_whose_body_is_incomplete_or_already_published(
+    spool: Spool,
+) -> None:
+    short = flushed_but_not_published(spool)
+    spool.body_path(short.queue_id).write_bytes(BODY[:-1])  # the flush never finished
+    published = committed(spool)
+    (spool.tmp / f"{published.queue_id}.json").write_bytes(published.dumps())  # stale copy
+    report = spool.recover()
+    assert report.requeued == []
+    assert names(spool.tmp) == []
+    assert spool.find(short.queue_id) is None
+    assert not spool.body_path(short.queue_id).exists()  # then an orphan body: removed
+    assert spool.load(State.INCOMING, published.queue_id) == published
+
+
+def test_group_commit_publishes_into_incoming(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "grouped")
+    spool.open()
+    entries = [make_entry(), make_entry()]
+    assert spool.commit_batch([(e, BODY, b"") for e in entries]) == [None, None]
+    assert sorted(spool.ids(State.INCOMING)) == sorted(e.queue_id for e in entries)
+    assert names(spool.tmp) == []
