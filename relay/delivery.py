@@ -826,7 +826,7 @@ class Delivery:
         elif entry.any_failed:
             self._spool.save(entry, State.ACTIVE, State.FAILED)
         else:
-            self._spool.remove(entry.queue_id, State.ACTIVE)
+            self._spool.remove(entry.queue_id, State.ACTIVE, durable=False)
 
     def _count(self, entry: QueueEntry, summary: str) -> None:
         self._metrics.attempts.labels(upstream=self._upstream.name, outcome=summary).inc()

@@ -320,8 +320,14 @@ class Spool:
         return True
 
     def claim(self, queue_id: str, src: State) -> bool:
-        """Take a queued message for delivery (src -> active); False if someone else did."""
-        return self.move(queue_id, src, State.ACTIVE)
+        """Take a queued message for delivery (src -> active); False if someone else did.
+        Not fsynced: after a crash recovery puts everything in active/ back in incoming/, so
+        a claim that did not reach the disk changes nothing."""
+        try:
+            os.replace(self.meta_path(src, queue_id), self.meta_path(State.ACTIVE, queue_id))
+        except FileNotFoundError:
+            return False
+        return True
 
     def save(self, entry: QueueEntry, src: State, dst: State) -> None:
         """Durably rewrite an entry's metadata in `src`, then move it to `dst`.
@@ -350,10 +356,13 @@ class Spool:
         unlink_quietly(self.body_path(queue_id))
         return True
 
-    def remove(self, queue_id: str, state: State) -> None:
-        """Forget a finished message: metadata first (the commit marker), then the body."""
+    def remove(self, queue_id: str, state: State, *, durable: bool = True) -> None:
+        """Forget a finished message: metadata first (the commit marker), then the body.
+        `durable=False` (a delivered message): no fsync; if a power failure undoes the
+        removal, the message is found in active/ and sent again, counted as in flight."""
         unlink_quietly(self.meta_path(state, queue_id))
-        fsync_dir(self.dir(state))
+        if durable:
+            fsync_dir(self.dir(state))
         unlink_quietly(self.body_path(queue_id))
 
     def quarantine(self, queue_id: str, state: State, reason: str) -> None:
