@@ -355,7 +355,7 @@ class UserSettings(_Section):
 
 class SpoolSettings(_Section):
     path: Path = Path("/var/spool/oauth-relay")
-    # messages accepted at the same moment share one syncfs flush (Linux 5.8+); off: one
+    # messages accepted at the same moment share one syncfs flush (Linux 5.17+); off: one
     # fsync per file, for a filesystem shared with heavy writers (syncfs flushes theirs too)
     group_commit: bool = True
 

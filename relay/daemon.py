@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -275,19 +276,40 @@ async def run(
             remove_stop_handlers(loop)
 
 
+class QueueCheck:
+    """The start-up check of the queue (`_check_queue`), run beside the serving daemon."""
+
+    def __init__(
+        self, spool: Spool, report: RecoveryReport, delivery: Deliveries, metrics: Metrics
+    ) -> None:
+        self._stop = threading.Event()
+        self._task = asyncio.create_task(_check_queue(spool, report, delivery, metrics, self._stop))
+
+    async def stop(self) -> None:
+        """Ask a check still running to stop at its next entry, and wait for it."""
+        self._stop.set()
+        await self._task
+
+
 async def _check_queue(
-    spool: Spool, report: RecoveryReport, delivery: Deliveries, metrics: Metrics
+    spool: Spool,
+    report: RecoveryReport,
+    delivery: Deliveries,
+    metrics: Metrics,
+    stop: threading.Event,
 ) -> None:
     """After the ready line, while mail is accepted: read every queued entry once, set aside
     what cannot be delivered, and schedule the rest. A large backlog (after an outage) never
     delays accepting mail."""
     started = time.monotonic()
     try:
-        await asyncio.to_thread(spool.check_entries, report)
+        await asyncio.to_thread(spool.check_entries, report, stop.is_set)
     except OSError:
         log.exception("could not check the queue; the next rescan schedules what it finds")
         return
     metrics.quarantined.inc(len(report.quarantined))
+    if stop.is_set():
+        return
     delivery.schedule(report.scheduled)
     log.info(
         "queue: %d messages scheduled, %d set aside in corrupt/ (checked in %.2fs)",
@@ -360,13 +382,13 @@ async def _serve(
             ",".join(f"{n}:{u.kind}" for n, u in settings.all_upstreams().items()),
             time.monotonic() - started,
         )
-        checking = asyncio.create_task(_check_queue(spool, report, delivery, metrics))
+        checking = QueueCheck(spool, report, delivery, metrics)
         watchdog = _start_watchdog()
         reloader.ready = True
         sd_notify("READY=1", "STATUS=ready")
         running.ready.set()
         await stop.wait()
-        checking.cancel()  # a check still running is only reading; the rescan finishes it
+        await checking.stop()  # before deliveries requeue active/ and the lock is released
         sd_notify("STOPPING=1", "STATUS=draining")
         if watchdog is not None:
             watchdog.cancel()

@@ -432,6 +432,10 @@ class Delivery:
             self._pacer.release_message()
             return session  # gone: delivered, deleted or claimed by someone else
         entry = await self._load_active(queue_id)
+        if entry is not None and not self._accepts(entry.upstream):
+            self._pacer.release_message()
+            await self._give_back(entry)
+            return session
         if entry is None or not await self._within_recipient_budget(entry):
             self._pacer.release_message()
             return session
@@ -445,6 +449,15 @@ class Delivery:
             self._resume()
         await self._attempt(entry, session)
         return session
+
+    async def _give_back(self, entry: QueueEntry) -> None:
+        """Claimed, but another upstream's (handed over while this one had it scheduled):
+        back to incoming/, scheduled by its own upstream."""
+        back = await self._spool_call(
+            self._spool.move, entry.queue_id, State.ACTIVE, State.INCOMING
+        )
+        if back and self._fallbacks is not None:
+            self._fallbacks.enqueue(entry)
 
     async def _within_recipient_budget(self, entry: QueueEntry) -> bool:
         """True when the message's recipients fit today's budget (they are charged once the

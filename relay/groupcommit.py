@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from relay.errors import SpoolError
 from relay.model import QueueEntry
 from relay.spool import Spool
 
@@ -40,33 +41,60 @@ class GroupCommit:
         self._waiting.append((entry, body, head, done))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="group-commit")
+            self._runner.add_done_callback(self._runner_ended)
         await asyncio.shield(done)
+
+    def _runner_ended(self, runner: asyncio.Task[None]) -> None:
+        """A runner that was cancelled (even before it ran: loop teardown) or failed leaves
+        nobody waiting: what it did not commit fails with SpoolError (the client gets 451).
+        One that finished had nothing left; what arrived since belongs to a newer runner."""
+        if runner is not self._runner or not (runner.cancelled() or runner.exception()):
+            return
+        waiting, self._waiting = self._waiting, []
+        failure = SpoolError("group commit interrupted")
+        for _, _, _, done in waiting:
+            if not done.done():
+                done.set_exception(failure)
 
     async def _run(self) -> None:
         while self._waiting:
             batch = self._take_batch()
             messages = [(entry, body, head) for entry, body, head, _ in batch]
-            errors: list[Exception | None]
+            errors: list[BaseException | None]
             try:
                 errors = list(await asyncio.to_thread(self._spool.commit_batch, messages))
-            except Exception as exc:  # a bug, not a disk error: fail the batch, never hang it
-                log.exception("group commit failed")
+            except BaseException as exc:  # a bug, or cancelled: fail the batch, never hang it
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.exception("group commit failed")
                 errors = [exc] * len(batch)
+                self._settle(batch, errors)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
             self.batches += 1
             self.batched += len(batch)
-            for (_, _, _, done), error in zip(batch, errors, strict=True):
-                if done.done():
-                    continue
-                if error is None:
-                    done.set_result(None)
-                else:
-                    done.set_exception(error)
+            self._settle(batch, errors)
+
+    @staticmethod
+    def _settle(
+        batch: list[tuple[QueueEntry, bytes, bytes, asyncio.Future[None]]],
+        errors: list[BaseException | None],
+    ) -> None:
+        for (_, _, _, done), error in zip(batch, errors, strict=True):
+            if done.done():
+                continue
+            if error is None:
+                done.set_result(None)
+            elif isinstance(error, asyncio.CancelledError):
+                done.set_exception(SpoolError("group commit interrupted"))
+            else:
+                done.set_exception(error)
 
     def _take_batch(self) -> list[tuple[QueueEntry, bytes, bytes, asyncio.Future[None]]]:
         size = 0
         count = 0
         for _entry, body, head, _ in self._waiting:
-            if count and (count >= MAX_BATCH or size + len(body) > MAX_BATCH_BYTES):
+            if count and (count >= MAX_BATCH or size + len(body) + len(head) > MAX_BATCH_BYTES):
                 break
             size += len(body) + len(head)
             count += 1

@@ -56,7 +56,11 @@ def write_private_file(path: Path, *parts: bytes, sync: bool = True) -> None:
     os.close(fd)
 
 
-SYNCFS_REPORTS_ERRORS = (5, 8)  # Linux: before 5.8, syncfs() returned 0 on write-back errors
+# Linux: syncfs() reports write-back errors since 5.8, and the filesystem's own (journal, log)
+# since 5.17; before, it could return 0 where fsync() would have failed.
+SYNCFS_REPORTS_ERRORS = (5, 17)
+# where syncfs() flushes what fsync() of each file would (not FUSE, CIFS, NFS, overlay...)
+SYNCFS_FILESYSTEMS = frozenset({"ext4", "xfs", "btrfs", "f2fs"})
 
 
 class FilesystemFlush:
@@ -79,9 +83,11 @@ class FilesystemFlush:
 
 def filesystem_flush(path: Path) -> Callable[[], FilesystemFlush] | None:
     """A factory of FilesystemFlush for the filesystem holding `path`, or None where there is
-    no trustworthy syncfs (not Linux, a kernel before 5.8, no libc symbol): callers then fsync
-    every file and directory."""
+    no trustworthy syncfs (not Linux, a kernel before 5.17, a filesystem not known to flush
+    like fsync, no libc symbol): callers then fsync every file and directory."""
     if not sys.platform.startswith("linux") or _kernel_version() < SYNCFS_REPORTS_ERRORS:
+        return None
+    if filesystem_type(path) not in SYNCFS_FILESYSTEMS:
         return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -91,6 +97,27 @@ def filesystem_flush(path: Path) -> Callable[[], FilesystemFlush] | None:
     syncfs.argtypes = [ctypes.c_int]
     syncfs.restype = ctypes.c_int
     return lambda: FilesystemFlush(path, syncfs)
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem mounted where `path` is ("ext4", "overlay"...), from
+    /proc/self/mountinfo; "" when unknown."""
+    target = os.path.realpath(path)
+    best, found = -1, ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                fields, _, rest = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) < 5 or not rest:
+                    continue
+                point = parts[4].replace("\\040", " ")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and len(point) > best:
+                    best, found = len(point), rest.split()[0]
+    except OSError:
+        return ""
+    return found
 
 
 def _kernel_version() -> tuple[int, int]:

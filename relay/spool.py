@@ -321,13 +321,9 @@ class Spool:
 
     def claim(self, queue_id: str, src: State) -> bool:
         """Take a queued message for delivery (src -> active); False if someone else did.
-        Not fsynced: after a crash recovery puts everything in active/ back in incoming/, so
-        a claim that did not reach the disk changes nothing."""
-        try:
-            os.replace(self.meta_path(src, queue_id), self.meta_path(State.ACTIVE, queue_id))
-        except FileNotFoundError:
-            return False
-        return True
+        Durable: a message that was being delivered when the power failed must be found in
+        active/, where recovery counts it as in flight (a possible duplicate)."""
+        return self.move(queue_id, src, State.ACTIVE)
 
     def save(self, entry: QueueEntry, src: State, dst: State) -> None:
         """Durably rewrite an entry's metadata in `src`, then move it to `dst`.
@@ -359,7 +355,8 @@ class Spool:
     def remove(self, queue_id: str, state: State, *, durable: bool = True) -> None:
         """Forget a finished message: metadata first (the commit marker), then the body.
         `durable=False` (a delivered message): no fsync; if a power failure undoes the
-        removal, the message is found in active/ and sent again, counted as in flight."""
+        removal, the message is found in active/ (its claim was durable) and sent again,
+        counted as in flight."""
         unlink_quietly(self.meta_path(state, queue_id))
         if durable:
             fsync_dir(self.dir(state))
@@ -407,12 +404,16 @@ class Spool:
         report.removed_partial += self._remove_orphan_bodies(named)
         return report
 
-    def check_entries(self, report: RecoveryReport) -> RecoveryReport:
+    def check_entries(
+        self, report: RecoveryReport, stop: Callable[[], bool] = lambda: False
+    ) -> RecoveryReport:
         """Read every stored entry once: quarantine what cannot be read, or whose body is
         missing or of another size, and list what is queued (for the scheduler). Safe while
         the daemon accepts and delivers: entries that move or finish meanwhile are skipped."""
         for state in (State.INCOMING, State.DEFERRED, State.FAILED, State.HOLD):
             for queue_id in list(self.ids(state)):
+                if stop():
+                    return report  # shutting down: the next start checks again
                 entry = self._check_entry(state, queue_id, report)
                 if entry is not None and state in QUEUED_STATES:
                     report.queued += 1
@@ -468,22 +469,33 @@ class Spool:
     def _check_entry(
         self, state: State, queue_id: str, report: RecoveryReport
     ) -> QueueEntry | None:
-        """The entry if it can be delivered; None if it moved meanwhile or was set aside."""
+        """The entry if it can be delivered; None if it moved meanwhile or was set aside.
+        Runs beside live delivery: a message claimed between two reads, and perhaps put back,
+        is skipped; only a body that is still missing once its metadata is seen again counts
+        as missing (bodies disappear only with their message)."""
         try:
             entry = self.load(state, queue_id)
-            size = self.body_path(queue_id).stat().st_size
         except FileNotFoundError:
-            if not self.meta_path(state, queue_id).exists():
-                return None  # moved or finished meanwhile
-            problem = "message body is missing"
+            return None  # claimed, moved or finished meanwhile
         except CorruptEntry as exc:
             problem = f"unreadable metadata: {exc.reason}"
         except OSError as exc:
             problem = f"cannot read: {exc}"
         else:
-            if size == entry.size:
-                return entry
-            problem = f"body is {size} bytes, metadata says {entry.size}"
+            try:
+                size = self.body_path(queue_id).stat().st_size
+            except FileNotFoundError:
+                if not self.meta_path(state, queue_id).exists():
+                    return None  # finished between the two reads
+                if self.body_path(queue_id).exists():
+                    return None  # a race with a state change: not ours to judge now
+                problem = "message body is missing"
+            except OSError as exc:
+                problem = f"cannot read: {exc}"
+            else:
+                if size == entry.size:
+                    return entry
+                problem = f"body is {size} bytes, metadata says {entry.size}"
         self.quarantine(queue_id, state, problem)
         report.quarantined.append(queue_id)
         return None

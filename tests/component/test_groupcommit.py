@@ -119,3 +119,15 @@ async def test_without_syncfs_each_message_is_committed_on_its_own(tmp_path: Pat
     assert commits.batches == 0
     assert sorted(spool.ids(State.INCOMING)) == sorted(e.queue_id for e in entries)
     assert spool.commit_batch([(entry(), b"y\r\n", b"")]) == [None]
+
+
+@needs_syncfs
+async def test_an_interrupted_group_commit_answers_every_waiter(tmp_path: Path) -> None:
+    spool = opened(tmp_path)
+    commits = GroupCommit(spool)
+    waiters = [asyncio.ensure_future(commits.commit(entry(), b"x\r\n")) for _ in range(3)]
+    await asyncio.sleep(0)  # they are queued and the runner exists
+    assert commits._runner is not None
+    commits._runner.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 5)
+    assert all(r is None or isinstance(r, SpoolError) for r in results)  # none hangs

@@ -727,3 +727,32 @@ def test_group_commit_publishes_into_incoming(tmp_path: Path) -> None:
     assert spool.commit_batch([(e, BODY, b"") for e in entries]) == [None, None]
     assert sorted(spool.ids(State.INCOMING)) == sorted(e.queue_id for e in entries)
     assert names(spool.tmp) == []
+
+
+def test_check_entries_skips_what_a_worker_claims_and_puts_back_meanwhile(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claimed between the check's reads and put back at once (budget, refused connection):
+    still a healthy message, never quarantined."""
+    entry = committed(spool)
+    spool.move(entry.queue_id, State.INCOMING, State.DEFERRED)
+    real_load = Spool.load
+
+    def load_while_claimed(self: Spool, state: State, queue_id: str) -> QueueEntry:
+        assert self.claim(queue_id, state)
+        try:
+            return real_load(self, state, queue_id)
+        finally:
+            self.move(queue_id, State.ACTIVE, state)
+
+    monkeypatch.setattr(Spool, "load", load_while_claimed)
+    report = spool.check_entries(spool.recover_start())
+    assert report.quarantined == []
+    assert spool.find(entry.queue_id) is State.DEFERRED
+
+
+def test_check_entries_stops_when_asked(spool: Spool) -> None:
+    for _ in range(3):
+        committed(spool)
+    report = spool.check_entries(spool.recover_start(), stop=lambda: True)
+    assert report.scheduled == [] and report.quarantined == []
