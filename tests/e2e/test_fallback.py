@@ -8,8 +8,11 @@ Graph goes by SMTP instead of failing. Which upstream answered is recorded per r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, MAILBOX, RelayFactory, exchange_config
 from tests.fakes.entra import FakeEntra
@@ -56,6 +59,30 @@ def fallback_config(
     return sections
 
 
+StartRelay = Callable[..., RelayProcess]
+
+
+@pytest.fixture
+def start_relay(
+    tmp_path: Path,
+    pki: TestPKI,
+    entra: FakeEntra,
+    exchange: FakeExchange,
+    graph: FakeGraph,
+    relay_factory: RelayFactory,
+) -> StartRelay:
+    """`start_relay(route=[...], delivery={...}, **graph_settings)`: the daemon in front of
+    both fakes."""
+
+    def start(*, route: list[str], delivery: dict[str, str], **graph_settings: Any) -> RelayProcess:
+        sections = fallback_config(
+            tmp_path, pki, entra, exchange, graph, route=route, delivery=delivery, **graph_settings
+        )
+        return relay_factory(sections)
+
+    return start
+
+
 def submit(relay: RelayProcess, recipients: list[str], data: bytes) -> str:
     code, reply = relay.submit("scanner@contoso.com", recipients, data)
     assert code == 250, reply
@@ -77,24 +104,13 @@ def by_message_id(graph: FakeGraph) -> dict[str, Any]:
 
 def test_smtp_auth_off_sends_through_graph_and_returns_to_smtp_when_it_is_back(
     tmp_path: Path,
-    pki: TestPKI,
     entra: FakeEntra,
     exchange: FakeExchange,
     graph: FakeGraph,
-    relay_factory: RelayFactory,
+    start_relay: StartRelay,
 ) -> None:
     smtp_auth(exchange, enabled=False)
-    relay = relay_factory(
-        fallback_config(
-            tmp_path,
-            pki,
-            entra,
-            exchange,
-            graph,
-            route=["default", "graph"],
-            delivery={"setup_pause": "2s"},
-        )
-    )
+    relay = start_relay(route=["default", "graph"], delivery={"setup_pause": "2s"})
     first = submit(relay, ["bob@example.org", "hidden@example.com"], message(1))
 
     [sent] = graph.wait_for_sent(1, TIMEOUT)
@@ -129,18 +145,13 @@ def test_smtp_auth_off_sends_through_graph_and_returns_to_smtp_when_it_is_back(
 
 def test_queued_mail_moves_over_and_new_mail_goes_straight_to_the_open_upstream(
     tmp_path: Path,
-    pki: TestPKI,
     entra: FakeEntra,
     exchange: FakeExchange,
     graph: FakeGraph,
-    relay_factory: RelayFactory,
+    start_relay: StartRelay,
 ) -> None:
     slow = {"setup_pause": "1h", "retry_initial": "1h", "retry_max": "1h"}
-    relay = relay_factory(
-        fallback_config(
-            tmp_path, pki, entra, exchange, graph, route=["default", "graph"], delivery=slow
-        )
-    )
+    relay = start_relay(route=["default", "graph"], delivery=slow)
     closing_channel = "421 4.3.2 Service not available, closing transmission channel"
     exchange.inject("eod", closing_channel, times=3, close=True)  # no session is left open
     deferred = [submit(relay, [f"user{n}@example.org"], message(n)) for n in range(3)]
@@ -169,23 +180,13 @@ def test_queued_mail_moves_over_and_new_mail_goes_straight_to_the_open_upstream(
 
 def test_a_message_too_large_for_graph_goes_by_smtp_and_each_recipient_records_its_upstream(
     tmp_path: Path,
-    pki: TestPKI,
     entra: FakeEntra,
     exchange: FakeExchange,
     graph: FakeGraph,
-    relay_factory: RelayFactory,
+    start_relay: StartRelay,
 ) -> None:
-    relay = relay_factory(
-        fallback_config(
-            tmp_path,
-            pki,
-            entra,
-            exchange,
-            graph,
-            route=["graph", "default"],
-            delivery={"setup_pause": "1h"},
-            max_request_size=65536,
-        )
+    relay = start_relay(
+        route=["graph", "default"], delivery={"setup_pause": "1h"}, max_request_size=65536
     )
     exchange.inject("rcpt", "550 5.1.10 RESOLVER.ADR.RecipientNotFound", rcpt="gone@example.org")
     small = submit(relay, ["bob@example.org"], message(1))
@@ -216,27 +217,17 @@ def test_a_message_too_large_for_graph_goes_by_smtp_and_each_recipient_records_i
 
 def test_two_closed_upstreams_keep_their_mail_and_hand_it_over_once_one_works(
     tmp_path: Path,
-    pki: TestPKI,
     entra: FakeEntra,
     exchange: FakeExchange,
     graph: FakeGraph,
-    relay_factory: RelayFactory,
+    start_relay: StartRelay,
 ) -> None:
     """Both closed: nothing is passed back and forth while their pauses run out and are
     renewed; once Graph works again, what the SMTP upstream holds moves to it."""
     smtp_auth(exchange, enabled=False)
     entra.register_app(CLIENT_ID, secret=CLIENT_SECRET, roles=("SMTP.SendAsApp",))  # no Mail.Send
-    relay = relay_factory(
-        fallback_config(
-            tmp_path,
-            pki,
-            entra,
-            exchange,
-            graph,
-            route=["default", "graph"],
-            delivery={"setup_pause": "1s", "retry_initial": "1s", "retry_max": "1s"},
-        )
-    )
+    every_second = {"setup_pause": "1s", "retry_initial": "1s", "retry_max": "1s"}
+    relay = start_relay(route=["default", "graph"], delivery=every_second)
     first = submit(relay, ["bob@example.org"], message(1))
     relay.wait_for_log(rf"\[{first}\] handed over from upstream default to graph")
     relay.wait_for_log(r"upstream graph paused for \d+s \(configuration\): .*Mail\.Send")
