@@ -211,6 +211,16 @@ def valid_utf8(address: str) -> bool:
     return not _CONTROL.search(address)
 
 
+def storable(text: str) -> str:
+    """Text a client sent (the EHLO name) as valid UTF-8: bytes aiosmtpd could not decode
+    (kept as surrogates) become U+FFFD, so the queue file and the log can hold it."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no decoder made: nothing to restore
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
+
+
 def printable_reply(text: str) -> str:
     """A reply line without control characters (aiosmtpd echoes unknown command words)."""
     return _CONTROL.sub("?", text)
@@ -410,7 +420,7 @@ class RelayHandler:
             received_at=self._clock(),
             size=len(trace) + len(body),
             client=peer_host(session.peer),
-            helo=session.host_name or "",
+            helo=storable(session.host_name or ""),
             smtputf8=needs_smtputf8(envelope) or normalized.needs_smtputf8,
             eightbit=normalized.eightbit,
             **self._route_of(server, session, envelope),

@@ -263,6 +263,23 @@ def test_nul_in_the_helo_name_does_not_reach_the_received_line(
     assert strip_trace(spooled, queue_id) == data
 
 
+def test_invalid_utf8_in_the_helo_name_is_accepted_and_stored_replaced(
+    box: Sandbox, before: dict[str, Path]
+) -> None:
+    """Found by the fuzz test: the name cannot be written as UTF-8 in the queue file, which
+    made every attempt to queue the message fail with 451, for ever."""
+    data = message(b"bad helo", b"hello\r\n")
+    with box.wire() as wire:
+        ehlo(wire, b"copier-\xef\xff")
+        queue_id = transaction(wire, data)
+        quit_(wire)
+    new = box.new_since(before)
+    assert list(new) == [queue_id]
+    _, _, spooled = maildir_message(new[queue_id])
+    assert spooled.startswith(b"Received: from copier-?? ([127.0.0.1])\r\n")
+    assert strip_trace(spooled, queue_id) == data
+
+
 def test_nul_bytes_in_the_body_are_kept(box: Sandbox, before: dict[str, Path]) -> None:
     data = message(b"nul body", b"a\x00b\r\n\x00\r\n\x00\x00\x00 trailing\r\n")
     with box.wire() as wire:
