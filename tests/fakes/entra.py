@@ -37,15 +37,12 @@ import hmac
 import json
 import logging
 import os
-import socket
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote_plus, urlsplit
 
@@ -53,6 +50,7 @@ import jwt
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from tests.fakes.https import HttpsFake, TLSServer
 from tests.fakes.pki import ClientCertificate, TestPKI, b64url, make_self_signed_certificate
 
 _log = logging.getLogger(__name__)
@@ -69,7 +67,6 @@ ASSERTION_ALGORITHMS = ("RS256", "PS256")
 _SP_NAMESPACE = uuid.UUID("0c7b7f0e-0d55-4c8e-a3f4-2a6f5d1b9e60")
 _IO_TIMEOUT_SECONDS = 5.0
 _MAX_BODY_BYTES = 64 * 1024
-_POLL_INTERVAL_SECONDS = 0.05
 
 
 class InvalidToken(Exception):
@@ -304,8 +301,11 @@ def _unsupported_grant(grant_type: str) -> _EntraError:  # [INF wording]
 # ------------------------------------------------------------------ the fake
 
 
-class FakeEntra:
+class FakeEntra(HttpsFake):
     """Fake Entra ID token service over HTTPS on an ephemeral local port."""
+
+    name = "fake-entra"
+    io_timeout = _IO_TIMEOUT_SECONDS
 
     def __init__(
         self,
@@ -331,54 +331,6 @@ class FakeEntra:
         self._failure: _FailurePlan | None = None
         self._token_requests: list[TokenRequest] = []
         self._http_requests: list[HttpRequest] = []
-        self._server: _TLSServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ----------------------------------------------------------
-
-    def start(self) -> None:
-        if self._server is not None:
-            raise RuntimeError("FakeEntra already started")
-        server = _TLSServer((self.host, 0), self.pki.server_context(), self)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": _POLL_INTERVAL_SECONDS},
-            name=f"fake-entra-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        _log.debug("fake Entra listening on %s", self.authority_base)
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()  # joins the request threads
-        if thread is not None:
-            thread.join()
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeEntra:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # -- addresses ----------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("FakeEntra not started")
-        return int(self._server.server_address[1])
 
     @property
     def authority_base(self) -> str:
@@ -933,34 +885,8 @@ def _assertion_alg(form: Mapping[str, str]) -> str | None:
 # ------------------------------------------------------------------ HTTP plumbing
 
 
-class _TLSServer(ThreadingHTTPServer):
-    """Threading HTTP server doing the TLS handshake in the request thread."""
-
-    daemon_threads = False  # server_close() joins request threads: nothing leaks
-    block_on_close = True
-
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, entra: FakeEntra) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.tls_context = context
-        self.entra = entra
-        super().__init__(address, _Handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(_IO_TIMEOUT_SECONDS)
-        try:
-            tls = self.tls_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            _log.debug("TLS handshake with %s failed: %s", client_address, exc)
-            return
-        with tls:
-            super().finish_request(tls, client_address)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _log.debug("error while serving %s", client_address, exc_info=True)
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _TLSServer
+    server: TLSServer
     server_version = "FakeEntra/1.0"
     sys_version = ""
 
@@ -977,7 +903,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, body: bytes) -> None:
         headers = {name.lower(): value for name, value in self.headers.items()}
         path = urlsplit(self.path).path
-        self._send(self.server.entra._serve_http(self.command, path, headers, body))
+        self._send(self.server.owner._serve_http(self.command, path, headers, body))
 
     def _send(self, response: _Response) -> None:
         payload = json.dumps(response.body).encode("utf-8")
@@ -991,3 +917,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         _log.debug("%s " + format, self.address_string(), *args)
+
+
+FakeEntra.handler = _Handler

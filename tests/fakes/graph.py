@@ -84,8 +84,6 @@ import datetime
 import json
 import logging
 import os
-import socket
-import ssl
 import threading
 import time
 import uuid
@@ -96,11 +94,11 @@ from email import policy
 from email.message import Message
 from email.parser import Parser
 from email.utils import getaddresses
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
+from tests.fakes.https import HttpsFake, TLSServer
 from tests.fakes.pki import TestPKI
 
 _log = logging.getLogger(__name__)
@@ -129,7 +127,6 @@ THROTTLE_CODES: Mapping[int, tuple[str, str]] = {
 _USER_NAMESPACE = uuid.UUID("6b1f7a52-3c0e-4d8b-9e21-58a4c7d0f3b9")
 _IO_TIMEOUT_SECONDS = 10.0
 _DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # larger oversized bodies are not read: connection closed
-_POLL_INTERVAL_SECONDS = 0.05
 
 Validator = Callable[[str], Mapping[str, Any]]
 
@@ -232,8 +229,11 @@ _STRICT_ROLES: Mapping[str, tuple[str, ...]] = {
 }
 
 
-class FakeGraph:
+class FakeGraph(HttpsFake):
     """Fake Microsoft Graph mail endpoints over HTTPS on an ephemeral local port."""
+
+    name = "fake-graph"
+    io_timeout = _IO_TIMEOUT_SECONDS
 
     def __init__(
         self,
@@ -256,53 +256,6 @@ class FakeGraph:
         self._sent: list[SentMessage] = []
         self._requests: list[GraphRequest] = []
         self._faults: deque[_Fault] = deque()
-        self._server: _TLSServer | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- lifecycle ----------------------------------------------------------
-
-    def start(self) -> None:
-        if self._server is not None:
-            raise RuntimeError("FakeGraph already started")
-        server = _TLSServer((self.host, 0), self.pki.server_context(), self)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": _POLL_INTERVAL_SECONDS},
-            name=f"fake-graph-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        _log.debug("fake Graph listening on %s", self.base_url)
-
-    def stop(self) -> None:
-        server, thread = self._server, self._thread
-        if server is None:
-            return
-        server.shutdown()
-        server.close_connections()
-        server.server_close()  # joins the request threads
-        if thread is not None:
-            thread.join()
-        self._server = self._thread = None
-
-    def __enter__(self) -> FakeGraph:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("FakeGraph not started")
-        return int(self._server.server_address[1])
 
     @property
     def base_url(self) -> str:
@@ -783,62 +736,8 @@ def _error_response(
 # ------------------------------------------------------------------ HTTP plumbing
 
 
-class _TLSServer(ThreadingHTTPServer):
-    """Threading HTTPS server: TLS handshake in the request thread, open connections tracked
-    so that :meth:`close_connections` can end idle keep-alive connections at once."""
-
-    daemon_threads = False  # server_close() joins request threads: nothing leaks
-    block_on_close = True
-
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, graph: FakeGraph) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.tls_context = context
-        self.graph = graph
-        self._connections: set[ssl.SSLSocket] = set()
-        self._connections_lock = threading.Lock()
-        self._closing = False
-        super().__init__(address, _Handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(_IO_TIMEOUT_SECONDS)
-        try:
-            tls = self.tls_context.wrap_socket(
-                request, server_side=True, do_handshake_on_connect=False
-            )
-        except OSError as exc:
-            _log.debug("TLS wrap for %s failed: %s", client_address, exc)
-            return
-        with self._connections_lock:
-            if self._closing:
-                tls.close()
-                return
-            self._connections.add(tls)
-        try:
-            tls.do_handshake()
-            super().finish_request(tls, client_address)
-        except OSError as exc:  # ssl.SSLError included; also connections closed by stop()
-            _log.debug("connection from %s ended: %s", client_address, exc)
-        finally:
-            with self._connections_lock:
-                self._connections.discard(tls)
-            tls.close()
-
-    def close_connections(self) -> None:
-        with self._connections_lock:
-            self._closing = True
-            connections = list(self._connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        _log.debug("error while serving %s", client_address, exc_info=True)
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _TLSServer
+    server: TLSServer
     protocol_version = "HTTP/1.1"
     server_version = "FakeGraph/1.0"
     sys_version = ""
@@ -860,14 +759,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(400, "Bad Content-Length")
             return
         body: bytes | None = None
-        if length <= self.server.graph.max_request_bytes:
+        if length <= self.server.owner.max_request_bytes:
             body = self.rfile.read(length)
         elif length <= _DRAIN_LIMIT_BYTES:
             self._drain(length)
         else:
             self.close_connection = True
         headers = {name.lower(): value for name, value in self.headers.items()}
-        self._send(self.server.graph._serve_http(self.command, self.path, headers, body))
+        self._send(self.server.owner._serve_http(self.command, self.path, headers, body))
 
     def _drain(self, length: int) -> None:
         while length > 0:
@@ -906,3 +805,6 @@ __all__ = [
     "Recipient",
     "SentMessage",
 ]
+
+
+FakeGraph.handler = _Handler
