@@ -15,7 +15,7 @@ import logging
 
 from relay.errors import SpoolError
 from relay.model import QueueEntry
-from relay.spool import Spool
+from relay.spool import Body, Spool, body_size
 
 log = logging.getLogger("relay.groupcommit")
 
@@ -26,12 +26,12 @@ MAX_BATCH_BYTES = 32 * 1024 * 1024
 class GroupCommit:
     def __init__(self, spool: Spool) -> None:
         self._spool = spool
-        self._waiting: list[tuple[QueueEntry, bytes, bytes, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[QueueEntry, Body, bytes, asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
         self.batches = 0  # flushes shared so far, and the messages in them (for tests, bench)
         self.batched = 0
 
-    async def commit(self, entry: QueueEntry, body: bytes, head: bytes = b"") -> None:
+    async def commit(self, entry: QueueEntry, body: Body, head: bytes = b"") -> None:
         """Return once the message is durable in incoming/; raise SpoolError if it is not.
         Cancelling the caller does not cancel the commit (the batch goes on)."""
         if not self._spool.shares_flushes:
@@ -77,7 +77,7 @@ class GroupCommit:
 
     @staticmethod
     def _settle(
-        batch: list[tuple[QueueEntry, bytes, bytes, asyncio.Future[None]]],
+        batch: list[tuple[QueueEntry, Body, bytes, asyncio.Future[None]]],
         errors: list[BaseException | None],
     ) -> None:
         for (_, _, _, done), error in zip(batch, errors, strict=True):
@@ -90,13 +90,13 @@ class GroupCommit:
             else:
                 done.set_exception(error)
 
-    def _take_batch(self) -> list[tuple[QueueEntry, bytes, bytes, asyncio.Future[None]]]:
+    def _take_batch(self) -> list[tuple[QueueEntry, Body, bytes, asyncio.Future[None]]]:
         size = 0
         count = 0
         for _entry, body, head, _ in self._waiting:
-            if count and (count >= MAX_BATCH or size + len(body) + len(head) > MAX_BATCH_BYTES):
+            if count and (count >= MAX_BATCH or size + body_size(body, head) > MAX_BATCH_BYTES):
                 break
-            size += len(body) + len(head)
+            size += body_size(body, head)
             count += 1
         batch, self._waiting = self._waiting[:count], self._waiting[count:]
         return batch

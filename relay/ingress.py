@@ -7,7 +7,10 @@ ever accepted from it (unless the listener lets users log in from anywhere: then
 AUTH). Limits: sessions overall and per client (421 at connect), command and DATA timeouts,
 command line length, recipients per message (452 at RCPT), messages per session, 5xx replies
 per session (then 421 and close), message size at MAIL (SIZE=) and while receiving, header
-size. A message is acknowledged only after `Spool.commit` has made it durable; any failure on
+size. A body over `spill_at` (1 MiB) goes to a file in the spool's tmp/ while it arrives
+(relay.received), so memory per session stays bounded whatever the message size; such a
+message is normalised from its header block when its body needs nothing, else in memory one
+at a time. A message is acknowledged only after `Spool.commit` has made it durable; any failure on
 the way answers `451 4.3.0` with no internal detail, and the detail is logged with the queue
 id. Passwords are checked in worker threads, two at a time; failed logins are throttled per
 client address.
@@ -38,20 +41,32 @@ from relay.localauth import AuthThrottle, LocalUser, authenticate, sender_allowe
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
 from relay.normalize import Normalized, normalize_message
+from relay.osutil import unlink_quietly
 from relay.policy import (
     Network,
     Routed,
     address_matches,
+    header_message_id,
     header_too_large,
     parse_network_list,
     peer_allowed,
     recipient_domain_allowed,
     recipient_limit_reached,
 )
+from relay.received import (
+    SPILL_AT,
+    Normalizing,
+    ReceivingBody,
+    Spilled,
+    as_received,
+    inspect_spilled,
+    settle_header_only,
+    settle_in_memory,
+)
 from relay.servertls import configure as configure_tls
 from relay.servertls import server_context
 from relay.smtpdata import DataAborted, DataReader
-from relay.spool import Spool, new_queue_id
+from relay.spool import Body, BodyFile, Spool, new_queue_id
 
 log = logging.getLogger("relay.ingress")
 
@@ -64,6 +79,35 @@ VERIFICATIONS = 2  # password checks at once: each takes ~32 MiB and ~0.1 s of a
 LINGER = 2.0  # seconds between our FIN and the close, for the client to read the last reply
 EOF_POLL = 0.01
 AIOSMTPD_GOODBYE = "502 5.5.1 Too many unrecognized commands"  # it closes by itself
+
+
+@dataclass
+class Receipt:
+    """One message from its 354 to its commit: its id, Received: line and body."""
+
+    queue_id: str
+    head: bytes
+    sink: ReceivingBody
+    received: bytes | Spilled = b""
+    body_file: BodyFile | None = None
+    committing: bool = False  # from then on the commit owns the files
+
+    def discard(self) -> None:
+        """Remove what was received (harmless once the commit has moved it)."""
+        self.sink.discard()
+        if self.body_file is not None:
+            self.body_file.file.close()
+            unlink_quietly(self.body_file.path)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A message ready for the spool: its data (bytes without the head, or a file with it)."""
+
+    body: Body
+    size: int
+    normalized: Normalized
+    message_id: str
 
 
 @dataclass(frozen=True)
@@ -80,6 +124,7 @@ class IngressLimits:
     max_header_size: int = 1_048_576
     max_messages_per_session: int = 1000
     max_errors_per_session: int = 20
+    spill_at: int = SPILL_AT  # body bytes held in memory before the rest goes to a file
 
     @classmethod
     def from_settings(cls, smtp: SmtpSettings) -> IngressLimits:
@@ -179,16 +224,6 @@ def received_header(
     ).encode("ascii", "replace")
 
 
-_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^<>\s]{1,500}>)")
-
-
-def header_message_id(data: bytes) -> str:
-    """The Message-ID: of a (normalised) message, for the log line that traces it."""
-    end = data.find(b"\r\n\r\n")
-    match = _MESSAGE_ID.search(data[: end if end >= 0 else min(len(data), 65536)])
-    return match.group(1).decode("ascii", "replace") if match else ""
-
-
 def declared_size(options: Sequence[str]) -> int:
     """The SIZE= a client declared at MAIL (RFC 1870), 0 when absent."""
     for option in options:
@@ -284,6 +319,7 @@ class RelayHandler:
         self._on_commit = on_commit
         self._clock = clock
         self.draining = False
+        self._whole_message = asyncio.Semaphore(1)  # large messages normalised in memory
 
     async def handle_EHLO(
         self,
@@ -388,48 +424,127 @@ class RelayHandler:
         envelope.rcpt_options.extend(options)
         return str(replies.RECIPIENT_OK)
 
+    def start_body(self, server: SMTP, session: Session, envelope: Envelope) -> Receipt:
+        """At the 354: the queue id, the Received: line and where the body goes."""
+        queue_id = new_queue_id(self._clock())
+        head = self._trace(server, session, envelope, queue_id)
+        spool = self._spool
+        sink = ReceivingBody(
+            lambda: spool.receive_file(queue_id), head=head, spill_at=self.limits.spill_at
+        )
+        return Receipt(queue_id, head, sink)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        body = envelope.original_content or b""
-        if isinstance(envelope.content, bytes) and not body:
-            body = envelope.content
+        receipt = server.receipt if isinstance(server, RelaySMTP) else None
+        if receipt is None:  # called without our DATA reader: the body is in the envelope
+            receipt = self.start_body(server, session, envelope)
+            body = envelope.original_content or b""
+            if isinstance(envelope.content, bytes) and not body:
+                body = envelope.content
+            receipt.received = body
+        try:
+            if isinstance(receipt.received, Spilled):
+                prepared = await self._prepare_spilled(session, envelope, receipt)
+            else:
+                prepared = await self._prepare_in_memory(session, envelope, receipt)
+            if isinstance(prepared, str):
+                return prepared
+            return await self._commit(server, session, envelope, receipt, prepared)
+        finally:
+            if not receipt.committing:
+                receipt.discard()
+
+    async def _prepare_in_memory(
+        self, session: Session, envelope: Envelope, receipt: Receipt
+    ) -> Prepared | str:
+        body = receipt.received
+        assert isinstance(body, bytes)
         if len(body) > self.limits.max_message_size:
             self._metrics.received.labels(result="too_big").inc()
             return str(replies.MESSAGE_TOO_BIG)
         if header_too_large(body, self.limits.max_header_size):
-            log.warning(
-                "refused a message from %s: header block over %d bytes",
-                peer_host(session.peer),
-                self.limits.max_header_size,
-            )
-            self._metrics.received.labels(result="too_big").inc()
-            return str(replies.HEADER_TOO_BIG)
-        queue_id = new_queue_id(self._clock())
+            return self._header_too_big(session)
         try:
             normalized = await asyncio.to_thread(self._normalize, envelope, body)
         except Exception:  # never expected (the normaliser is total); keep the message as sent
-            log.exception("could not normalise; spooling as received", extra={"queue_id": queue_id})
+            log.exception(
+                "could not normalise; spooling as received", extra={"queue_id": receipt.queue_id}
+            )
             normalized = Normalized(body, (), not body.isascii(), False)
+        data = normalized.data
+        return Prepared(data, len(receipt.head) + len(data), normalized, header_message_id(data))
+
+    async def _prepare_spilled(
+        self, session: Session, envelope: Envelope, receipt: Receipt
+    ) -> Prepared | str:
+        """A body that arrived in a file: normalised from its header block when the body
+        needs nothing, else in memory, one such message at a time (bounded memory)."""
+        spilled = receipt.received
+        assert isinstance(spilled, Spilled)
+        how = self._normalizing(envelope)
+        try:
+            body_from = await asyncio.to_thread(
+                inspect_spilled, spilled, self.limits.max_header_size
+            )
+            if body_from == -1:
+                return self._header_too_big(session)
+            if body_from is None:
+                async with self._whole_message:
+                    settled = await asyncio.to_thread(settle_in_memory, spilled, how)
+            else:
+                settled = await asyncio.to_thread(settle_header_only, spilled, body_from, how)
+        except OSError:
+            log.exception("could not read back the body", extra={"queue_id": receipt.queue_id})
+            self._metrics.received.labels(result="error").inc()
+            return str(replies.TEMPORARY_FAILURE)
+        except Exception:  # never expected (the normaliser is total); keep the message as sent
+            log.exception(
+                "could not normalise; spooling as received", extra={"queue_id": receipt.queue_id}
+            )
+            settled = as_received(spilled)
+        receipt.body_file = settled.body
+        return Prepared(settled.body, settled.body.size, settled.normalized, settled.message_id)
+
+    def _header_too_big(self, session: Session) -> str:
+        log.warning(
+            "refused a message from %s: header block over %d bytes",
+            peer_host(session.peer),
+            self.limits.max_header_size,
+        )
+        self._metrics.received.labels(result="too_big").inc()
+        return str(replies.HEADER_TOO_BIG)
+
+    async def _commit(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        receipt: Receipt,
+        prepared: Prepared,
+    ) -> str:
+        queue_id = receipt.queue_id
+        normalized = prepared.normalized
         for change in normalized.changes:
             log.info("normalised: %s", change, extra={"queue_id": queue_id})
-        trace = self._trace(server, session, envelope, queue_id)
-        body = normalized.data
         entry = QueueEntry(
             queue_id=queue_id,
             mail_from=envelope.mail_from or "",
             recipients=tuple(Recipient(a) for a in unique(envelope.rcpt_tos)),
             received_at=self._clock(),
-            size=len(trace) + len(body),
+            size=prepared.size,
             client=peer_host(session.peer),
             helo=storable(session.host_name or ""),
             smtputf8=needs_smtputf8(envelope) or normalized.needs_smtputf8,
             eightbit=normalized.eightbit,
             **self._route_of(server, session, envelope),
         )
-        commit = asyncio.ensure_future(self._commits.commit(entry, body, trace))
+        commit = asyncio.ensure_future(self._commits.commit(entry, prepared.body, receipt.head))
+        receipt.committing = True
+        commit.add_done_callback(lambda _: receipt.discard())
         # Scheduling hangs off the commit itself: a client that vanishes mid-commit cancels
         # this handler, not the delivery of a message that did reach the disk.
-        message_id = header_message_id(normalized.data)
         how = session_summary(server, session)
+        message_id = prepared.message_id
         commit.add_done_callback(lambda done: self._committed(entry, done, message_id, how))
         try:
             await asyncio.shield(commit)
@@ -454,13 +569,22 @@ class RelayHandler:
             "route": route if len(route) > 1 else (),
         }
 
-    def _normalize(self, envelope: Envelope, body: bytes) -> Normalized:
-        return normalize_message(
-            body,
+    def _normalizing(self, envelope: Envelope) -> Normalizing:
+        return Normalizing(
             envelope_from=envelope.mail_from or "",
             hostname=self.limits.hostname,
             now=datetime.fromtimestamp(self._clock(), UTC),
             smtputf8=envelope.smtp_utf8,
+        )
+
+    def _normalize(self, envelope: Envelope, body: bytes) -> Normalized:
+        how = self._normalizing(envelope)
+        return normalize_message(
+            body,
+            envelope_from=how.envelope_from,
+            hostname=how.hostname,
+            now=how.now,
+            smtputf8=how.smtputf8,
         )
 
     def _trace(self, server: SMTP, session: Session, envelope: Envelope, queue_id: str) -> bytes:
@@ -508,6 +632,14 @@ class RelayHandler:
 
     def too_big(self) -> None:
         self._metrics.received.labels(result="too_big").inc()
+
+    def spill_failed(self, queue_id: str, error: OSError) -> None:
+        log.error(
+            "could not write the body to the spool while receiving; answered 451: %s",
+            error,
+            extra={"queue_id": queue_id},
+        )
+        self._metrics.received.labels(result="error").inc()
 
     def data_aborted(self, server: SMTP, bare_lf_end: bool) -> None:
         client = peer_host(server.session.peer) if server.session else ""
@@ -590,6 +722,7 @@ class RelaySMTP(SMTP):
         self.errors = 0
         self.must_authenticate = settings.require_auth
         self._closing = False
+        self.receipt: Receipt | None = None  # the message whose DATA is being handled
 
     # --- properties the handler asks for ------------------------------------------------------
 
@@ -823,7 +956,7 @@ class RelaySMTP(SMTP):
         the data, the size limit applied to the unstuffed body while receiving."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
-        assert self.envelope is not None
+        assert self.envelope is not None and self.session is not None
         if not self.envelope.rcpt_tos:
             await self.push(str(replies.NEED_RCPT))
             return
@@ -833,11 +966,22 @@ class RelaySMTP(SMTP):
         await self.push(str(replies.START_DATA))
         data_timeout = self._limits.data_timeout
         self._reset_timeout(data_timeout)
+        receipt = self._relay_handler.start_body(self, self.session, self.envelope)
         reader = DataReader(
             self._reader,
             self._limits.max_message_size,
             lambda: self._reset_timeout(data_timeout),
+            receipt.sink,
         )
+        try:
+            await self._receive(reader, receipt)
+        finally:
+            self.receipt = None
+            if not receipt.committing:
+                receipt.discard()
+
+    async def _receive(self, reader: DataReader, receipt: Receipt) -> None:
+        assert self.envelope is not None
         try:
             result = await reader.read()
         except (DataAborted, asyncio.CancelledError):
@@ -849,7 +993,14 @@ class RelaySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(str(replies.MESSAGE_TOO_BIG))
             return
-        self.envelope.content = self.envelope.original_content = result.data
+        try:
+            receipt.received = await receipt.sink.finish()
+        except OSError as exc:
+            self._relay_handler.spill_failed(receipt.queue_id, exc)
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(replies.TEMPORARY_FAILURE))
+            return
+        self.receipt = receipt
         try:
             status = await self._call_handler_hook("DATA")
         finally:

@@ -54,6 +54,7 @@ import base64
 import binascii
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -171,6 +172,100 @@ def normalize_message(
         eightbit=not top.body.isascii(),
         needs_smtputf8=ctx.needs_smtputf8,
     )
+
+
+def normalize_head(
+    head: bytes,
+    *,
+    body_follows: bool,
+    envelope_from: str,
+    hostname: str,
+    now: datetime,
+    smtputf8: bool,
+    message_id_domain: str | None = None,
+) -> Normalized:
+    """The header block of a message whose body needs nothing (see `body_is_clean`), fixed by
+    the same rules as `normalize_message`: `head` is the block `header_length` found, the
+    body (after it) stays byte-identical. Lets a large message be normalised from its first
+    bytes. `data` is the new header block, or `head` itself when nothing changed."""
+    ctx = _Ctx(smtputf8=smtputf8)
+    top = _parse_entity(head)
+    if top.sep == b"" and (body_follows or not top.fields):
+        top.sep, top.dirty = CRLF, True
+        if body_follows:
+            ctx.changes.append("inserted blank line between header and body")
+    _remove_bcc(top, ctx)
+    _add_missing(
+        top, ctx, sender=envelope_from, hostname=hostname, now=now, id_domain=message_id_domain
+    )
+    _fix_headers(top, ctx, "")
+    return Normalized(
+        data=top.to_bytes() if top.dirty else head,
+        changes=tuple(ctx.changes),
+        eightbit=False,
+        needs_smtputf8=ctx.needs_smtputf8,
+    )
+
+
+def header_length(window: bytes, *, whole: bool) -> int | None:
+    """Where the body starts in a message whose first bytes are `window` (all of it when
+    `whole`): the length of the header block with its blank line. None when the window
+    cannot tell (the block, or the line after it, runs past the window)."""
+    top = _parse_entity(window)
+    length = len(window) - len(top.body)
+    if whole or top.sep:
+        return length
+    return length if window.find(CRLF, length) >= 0 else None
+
+
+def body_is_clean(chunks: Iterable[bytes], *, body_from: int) -> bool:
+    """The data given in order as `chunks` has only CRLF line ends and ends with one (or is
+    empty), and from offset `body_from` (a line start) on it is ASCII with no line over
+    MAX_LINE: then `normalize_message` would change nothing after the header block. Reads
+    each chunk once with C-level scans; stops at the first thing that needs the whole
+    message."""
+    offset, last, line = 0, b"", 0
+    for chunk in chunks:
+        if not chunk:
+            continue
+        if not _crlf_only(chunk, after_cr=last == b"\r"):
+            return False
+        if offset + len(chunk) > body_from:
+            body = chunk[body_from - offset :] if offset < body_from else chunk
+            line = _open_line(body, line, after_cr=offset >= body_from and last == b"\r")
+            if line < 0 or not body.isascii():
+                return False
+        offset += len(chunk)
+        last = chunk[-1:]
+    return offset == 0 or last == b"\n"
+
+
+def _crlf_only(chunk: bytes, *, after_cr: bool) -> bool:
+    """Every CR in `chunk` is followed by LF and every LF preceded by CR, counting a CR the
+    previous chunk ended with and one this chunk ends with (completed by the next)."""
+    starts_lf = chunk[:1] == b"\n"
+    if starts_lf != after_cr:
+        return False
+    pairs = chunk.count(CRLF)
+    ends_cr = chunk[-1:] == b"\r"
+    return chunk.count(b"\n") - starts_lf == pairs and chunk.count(b"\r") - ends_cr == pairs
+
+
+def _open_line(body: bytes, carried: int, *, after_cr: bool) -> int:
+    """The length so far of the line still open after `body` (CRLF line ends; `carried`
+    bytes of it, a CR included, came before), or -1 once a line is over MAX_LINE."""
+    if after_cr:  # the CRLF straddles two chunks: the carried line ends at this LF
+        if carried - 1 > MAX_LINE:
+            return -1
+        body, carried = body[1:], 0
+    lines = body.split(CRLF)
+    if len(lines) == 1:
+        carried += len(body)
+        return -1 if carried - body.endswith(b"\r") > MAX_LINE else carried
+    if carried + len(lines[0]) > MAX_LINE or max(map(len, lines[1:-1]), default=0) > MAX_LINE:
+        return -1
+    tail = len(lines[-1])
+    return -1 if tail - lines[-1].endswith(b"\r") > MAX_LINE else tail
 
 
 # --- line ends and parsing ----------------------------------------------------------------------

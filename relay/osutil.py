@@ -56,6 +56,46 @@ def write_private_file(path: Path, *parts: bytes, sync: bool = True) -> None:
     os.close(fd)
 
 
+def open_private_file(path: Path) -> IO[bytes]:
+    """Create `path` (which must not exist) readable by the owner only, open for reading and
+    writing."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags, PRIVATE_FILE_MODE)
+    try:
+        return os.fdopen(fd, "w+b")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+COPY_PIECE = 1024 * 1024
+
+
+def copy_range(src: IO[bytes], dst: IO[bytes], offset: int, count: int) -> None:
+    """Append `count` bytes of `src` from `offset` to `dst` (flushed by the caller): in the
+    kernel with copy_file_range (Linux, BSD), else through a 1 MiB buffer."""
+    if hasattr(os, "copy_file_range"):
+        with contextlib.suppress(OSError):  # EXDEV, ENOSYS, EINVAL: copy by hand instead
+            done = 0
+            while done < count:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), count - done, offset + done)
+                if copied == 0:
+                    break
+                done += copied
+            if done == count:
+                return
+            offset, count = offset + done, count - done
+    src.seek(offset)
+    dst.seek(0, os.SEEK_END)
+    while count > 0:
+        piece = src.read(min(COPY_PIECE, count))
+        if not piece:
+            raise OSError(f"{count} bytes short copying {src.name}")
+        dst.write(piece)
+        count -= len(piece)
+    dst.flush()
+
+
 # Linux: syncfs() reports write-back errors since 5.8, and the filesystem's own (journal, log)
 # since 5.17; before, it could return 0 where fsync() would have failed.
 SYNCFS_REPORTS_ERRORS = (5, 17)

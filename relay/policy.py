@@ -9,6 +9,7 @@ before they get here.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -67,6 +68,16 @@ def header_too_large(data: bytes, limit: int) -> bool:
     ends = [i for i in (data.find(b"\r\n\r\n", 0, window), data.find(b"\n\n", 0, window)) if i >= 0]
     header = min(ends) if ends else len(data)
     return header > limit
+
+
+_MESSAGE_ID = re.compile(rb"(?im)^message-id:[ \t]*(<[^<>\s]{1,500}>)")
+
+
+def header_message_id(data: bytes) -> str:
+    """The Message-ID: of a (normalised) message, for the log line that traces it."""
+    end = data.find(b"\r\n\r\n")
+    match = _MESSAGE_ID.search(data[: end if end >= 0 else min(len(data), 65536)])
+    return match.group(1).decode("ascii", "replace") if match else ""
 
 
 # --- what an outcome means ---------------------------------------------------------------------

@@ -7,7 +7,8 @@ be of any length (copiers send both; the normaliser fixes them later), unlike ai
 reader, which answers `500 Line too long`. A leading dot is removed from every line that starts
 after an LF, the way clients stuff them. Past `limit` bytes the rest is read and dropped, so the
 client still gets its reply after the final dot. Bytes after the end marker stay in the reader
-for the next pipelined command.
+for the next pipelined command. The body is collected in memory, or handed piece by piece to
+a `BodySink` (the relay's keeps large bodies in a file: relay.received).
 
 The body is read in large pieces, not lines: the stream reader finds the end marker in C, and
 a piece is unstuffed with one `bytes.replace`. While the last bytes received could begin an
@@ -23,7 +24,7 @@ import io
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 END_LINE = b".\r\n"
 END_OF_DATA = b"\r\n.\r\n"
@@ -39,6 +40,15 @@ class DataResult:
     size: int  # bytes received after unstuffing (counted even past the limit)
 
 
+class BodySink(Protocol):
+    """Where a body goes while it arrives, when not into memory (see relay.received)."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    def drop(self) -> None:
+        """The body is over the limit: keep nothing; no more writes follow."""
+
+
 class DataAborted(Exception):
     """The connection closed before the end of the data."""
 
@@ -52,10 +62,12 @@ class DataReader:
         reader: asyncio.StreamReader,
         limit: int,
         on_progress: Callable[[], None] = lambda: None,
+        sink: BodySink | None = None,
     ) -> None:
         self._reader = reader
         self._limit = limit
         self._on_progress = on_progress
+        self._sink = sink
         self.tail = b""
 
     @property
@@ -65,7 +77,8 @@ class DataReader:
         return bool(_BARE_LF_END.search(self.tail))
 
     async def read(self) -> DataResult:
-        """The body, unstuffed. Raises DataAborted if the connection closes first."""
+        """The body, unstuffed (with a sink, `data` is b"": the body went to the sink).
+        Raises DataAborted if the connection closes first."""
         try:
             return await self._read()
         except asyncio.CancelledError:  # the session ended (EOF, timeout) while we waited
@@ -106,11 +119,17 @@ class DataReader:
                 unstuffed = data[1:] if last == b"\n" and data[:1] == b"." else data
                 last = data[-1:]
                 unstuffed = unstuffed.replace(b"\n.", b"\n")
+                over = size > self._limit
                 size += len(unstuffed)
                 if size <= self._limit:
-                    buffer.write(unstuffed)
-                elif buffer.tell():
-                    buffer = io.BytesIO()  # too big: read on to the end, keep nothing
+                    if self._sink is None:
+                        buffer.write(unstuffed)
+                    else:
+                        await self._sink.write(unstuffed)
+                elif not over:  # too big: read on to the end, keep nothing
+                    buffer = io.BytesIO()
+                    if self._sink is not None:
+                        self._sink.drop()
             if ended:
                 return DataResult(buffer.getvalue() if size <= self._limit else None, size)
             since_progress += len(raw)

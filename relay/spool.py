@@ -4,7 +4,8 @@ Layout (one filesystem): `data/<id>.eml` holds a message's raw bytes, written on
 changed; `<state>/<id>.json` holds its envelope and per-recipient state. The metadata file is the
 commit marker, and a message changes state only by an atomic rename of it between the state
 directories incoming/, active/, deferred/, failed/ and corrupt/. `tmp/` holds metadata being
-written. `commit()` returns only once body, metadata and both directory entries are fsynced;
+written and, as `<id>.recv`, bodies too large to hold in memory while they arrive (committed
+by fsync through their own handle and a rename into data/). `commit()` returns only once body, metadata and both directory entries are fsynced;
 `commit_batch()` (group commit, Linux syncfs) writes several messages' bodies and their
 metadata in tmp/, flushes once, then renames the metadata into incoming/: from the flush on,
 a complete `tmp/<id>.json` with its complete body is itself a committed message.
@@ -37,9 +38,11 @@ from relay.osutil import (
     fsync_dir,
     lock_exclusively,
     make_private_dir,
+    open_private_file,
     unlink_quietly,
     write_private_file,
 )
+from relay.storedbody import MessageBody, StoredBody
 
 log = logging.getLogger("relay.spool")
 
@@ -96,7 +99,23 @@ def _remove_all(paths: list[Path]) -> None:
             path.unlink()
 
 
-NewMessage = tuple[QueueEntry, bytes, bytes]  # entry, body, head (the trace line)
+@dataclass(frozen=True)
+class BodyFile:
+    """A complete message file in tmp/, written (not yet fsynced) through `file`, which is
+    still open: the commit fsyncs it through the same handle, so a write-back error since
+    it was opened is seen, then renames it into data/. Its head is already in it."""
+
+    path: Path
+    file: IO[bytes]
+    size: int
+
+
+Body = bytes | BodyFile
+NewMessage = tuple[QueueEntry, Body, bytes]  # entry, body, head (the trace line)
+
+
+def body_size(body: Body, head: bytes) -> int:
+    return body.size if isinstance(body, BodyFile) else len(head) + len(body)
 
 
 def _free_name(path: Path) -> Path:
@@ -174,14 +193,24 @@ class Spool:
 
     # --- accepting -----------------------------------------------------------------------------
 
-    def commit(self, entry: QueueEntry, body: bytes, head: bytes = b"") -> None:
+    def receive_file(self, queue_id: str) -> tuple[Path, IO[bytes]]:
+        """A new private file in tmp/ for a body too large to hold in memory while it
+        arrives; recovery removes it if the process dies before it is committed."""
+        path = self.tmp / f"{queue_id}.recv"
+        return path, open_private_file(path)
+
+    def commit(self, entry: QueueEntry, body: Body, head: bytes = b"") -> None:
         """Store a new message (`head` then `body`: the trace line is not glued onto a large
-        body in memory) durably in incoming/. Returns only when it is on stable storage."""
+        body in memory; a BodyFile has its head in it) durably in incoming/. Returns only
+        when it is on stable storage."""
         queue_id = entry.queue_id
         written: list[Path] = []
         try:
             meta = entry.dumps()
-            _write_new(self.body_path(queue_id), (head, body), written)
+            if isinstance(body, BodyFile):
+                self._take_body_file(queue_id, body, written)
+            else:
+                _write_new(self.body_path(queue_id), (head, body), written)
             fsync_dir(self.data)
             _write_new(self.tmp / f"{queue_id}.json", (meta,), written)
             os.replace(written[-1], self.meta_path(State.INCOMING, queue_id))
@@ -229,7 +258,16 @@ class Spool:
                 _remove_all(paths)
         return errors
 
-    def _commit_alone(self, entry: QueueEntry, body: bytes, head: bytes) -> SpoolError | None:
+    def _take_body_file(self, queue_id: str, body: BodyFile, written: list[Path]) -> None:
+        """fsync a received body file through its own handle, close it, move it into data/."""
+        try:
+            os.fsync(body.file.fileno())
+        finally:
+            body.file.close()
+        os.replace(body.path, self.body_path(queue_id))
+        written.append(self.body_path(queue_id))
+
+    def _commit_alone(self, entry: QueueEntry, body: Body, head: bytes) -> SpoolError | None:
         try:
             self.commit(entry, body, head)
         except SpoolError as exc:
@@ -237,9 +275,12 @@ class Spool:
         return None
 
     def _write_body(
-        self, entry: QueueEntry, body: bytes, head: bytes, written: list[Path]
+        self, entry: QueueEntry, body: Body, head: bytes, written: list[Path]
     ) -> SpoolError | None:
         try:
+            if isinstance(body, BodyFile):
+                self._take_body_file(entry.queue_id, body, written)
+                return None
             write_private_file(self.body_path(entry.queue_id), head, body, sync=False)
         except Exception as exc:
             return _commit_failed(entry.queue_id, exc)
@@ -292,6 +333,13 @@ class Spool:
 
     def read_body(self, queue_id: str) -> bytes:
         return self.body_path(queue_id).read_bytes()
+
+    def body_for_delivery(self, queue_id: str, in_memory_up_to: int) -> MessageBody:
+        """The body in memory when it is small, else a StoredBody to read in pieces.
+        FileNotFoundError when it is missing."""
+        path = self.body_path(queue_id)
+        size = path.stat().st_size
+        return path.read_bytes() if size <= in_memory_up_to else StoredBody(path, size)
 
     def find(self, queue_id: str) -> State | None:
         """The state a message is in now, or None."""

@@ -140,12 +140,15 @@ async def start_relay(tmp_path: Path) -> AsyncIterator[StartRelay]:
         max_recipients: int = 50,
         on_commit: Callable[[QueueEntry], None] | None = None,
         clock: Callable[[], float] = lambda: NOW,
+        spill_at: int = 1024 * 1024,
     ) -> Relay:
         spool = Spool(tmp_path / f"spool{len(started)}")
         spool.open()
         metrics = Metrics()
         committed: list[QueueEntry] = []
-        limits = IngressLimits(HOSTNAME, tuple(networks), max_message_size, max_recipients)
+        limits = IngressLimits(
+            HOSTNAME, tuple(networks), max_message_size, max_recipients, spill_at=spill_at
+        )
         handler = RelayHandler(spool, limits, metrics, on_commit or committed.append, clock=clock)
         ingress = Ingress(handler, limits)
         await ingress.start([Listener.plain("127.0.0.1:0", tuple(networks))])
@@ -805,6 +808,165 @@ async def test_only_crlf_dot_crlf_ends_the_data(start_relay: StartRelay, open_ra
         assert smuggled in body
     assert entry.mail_from == "a@example.com"
     assert entry.recipients == (Recipient("b@example.com"),)
+
+
+# --- large messages: the body goes to a file while it arrives (issue #8) -----------------------
+
+SPILL = 4096  # bytes of body held in memory before the rest goes to tmp/
+BIG_LIMIT = 3 * 1024 * 1024
+
+
+def scan_body(lines: int = 2000, *, head: bytes = WELL_FORMED, line: bytes = b"QUJD" * 19) -> bytes:
+    """A copier scan: header, then base64-like lines of 76 characters, some dot-led."""
+    body = head + b"From: scanner@example.com\r\nTo: alice@example.com\r\nSubject: scan\r\n\r\n"
+    rows = [b"." + line[1:] if n % 97 == 0 else line for n in range(lines)]
+    return body + b"\r\n".join(rows) + b"\r\n"
+
+
+def received_files(relay: Relay) -> list[Path]:
+    return sorted((relay.spool.root / "tmp").glob("*.recv"))
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout: float = IO_TIMEOUT) -> None:
+    """Poll a cheap condition (a directory listing) until it holds, or fail."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_large_body_is_in_a_file_before_the_final_dot_and_stored_exactly(
+    start_relay: StartRelay, open_raw: OpenRaw
+) -> None:
+    relay = await start_relay(spill_at=SPILL, max_message_size=BIG_LIMIT)
+    body = scan_body(8000)  # half of it is more than the 256 KiB gathered for each write
+    raw = await greeted(open_raw, relay)
+    await off_loop(raw.send, b"MAIL FROM:<scanner@example.com>\r\nRCPT TO:<alice@example.com>\r\n")
+    assert await off_loop(raw.replies, 2) == [[str(replies.SENDER_OK)], [str(replies.RECIPIENT_OK)]]
+    assert await off_loop(raw.command, b"DATA\r\n") == ["354 End data with <CR><LF>.<CR><LF>"]
+    wire = stuffed(body)
+    await off_loop(raw.send, wire[: len(wire) // 2])
+    await until(
+        lambda: any(p.stat().st_size > SPILL for p in received_files(relay)), "a .recv file"
+    )
+    assert stat.S_IMODE(received_files(relay)[0].stat().st_mode) == 0o600
+    assert relay.files("incoming") == []
+    await off_loop(raw.send, wire[len(wire) // 2 :] + b".\r\n")
+    queued = await off_loop(raw.reply)
+    entry, stored = relay.only_message()  # also: tmp/ is empty again
+    assert queued == [str(replies.queued(entry.queue_id))]
+    assert stored == body
+    assert entry.size == relay.spool.body_path(entry.queue_id).stat().st_size
+    assert stat.S_IMODE(relay.spool.body_path(entry.queue_id).stat().st_mode) == 0o600
+    assert not entry.eightbit
+    assert relay.received("accepted") == 1
+
+
+async def test_large_body_with_header_fixes_keeps_its_body_byte_for_byte(
+    start_relay: StartRelay,
+) -> None:
+    """No Date, no Message-ID and a Bcc: only the header block is rewritten."""
+    relay = await start_relay(spill_at=SPILL, max_message_size=BIG_LIMIT)
+    body = scan_body(head=b"Bcc: hidden@example.com\r\n")
+    reply = await send(relay, body)
+    entry, stored = relay.only_message()
+    assert reply == str(replies.queued(entry.queue_id))
+    expected = normalize_message(
+        body, envelope_from="scanner@example.com", hostname=HOSTNAME,
+        now=datetime.fromtimestamp(NOW, UTC), smtputf8=False,
+    ).data  # fmt: skip
+    mid = re.compile(rb"Message-ID: <[^>]+>")
+    assert mid.sub(b"<id>", stored) == mid.sub(b"<id>", expected)
+    assert b"Bcc" not in stored
+    assert stored.endswith(body[body.index(b"\r\n\r\n") :])
+    assert entry.size == relay.spool.body_path(entry.queue_id).stat().st_size
+
+
+@pytest.mark.parametrize(
+    "quirk",
+    [
+        pytest.param(b"\n", id="bare-lf"),
+        pytest.param(b"x" * 1200, id="long-line"),
+        pytest.param(b"caf\xc3\xa9", id="8bit"),
+    ],
+)
+async def test_large_body_that_needs_fixing_is_normalised_like_a_small_one(
+    start_relay: StartRelay, quirk: bytes
+) -> None:
+    relay = await start_relay(spill_at=SPILL, max_message_size=BIG_LIMIT)
+    body = scan_body(line=b"line " + quirk + b" end")
+    reply = await send(relay, body)
+    entry, stored = relay.only_message()
+    assert reply == str(replies.queued(entry.queue_id))
+    expected = normalize_message(
+        body, envelope_from="scanner@example.com", hostname=HOSTNAME,
+        now=datetime.fromtimestamp(NOW, UTC), smtputf8=False,
+    )  # fmt: skip
+    assert expected.data != body or quirk == b"caf\xc3\xa9"
+    assert stored == expected.data
+    assert entry.eightbit == expected.eightbit
+    assert entry.size == relay.spool.body_path(entry.queue_id).stat().st_size
+
+
+async def test_large_body_over_the_limit_gets_552_and_leaves_no_file(
+    start_relay: StartRelay,
+) -> None:
+    relay = await start_relay(spill_at=SPILL, max_message_size=50_000)
+    async with client_for(relay) as client:
+        await client.mail("scanner@example.com")
+        await client.rcpt("alice@example.com")
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await client.data(scan_body())
+        assert refused.value.code == 552
+        assert relay.nothing_spooled()
+        assert (await client.noop()).code == 250
+
+
+async def test_large_header_block_in_a_file_is_refused_with_552(start_relay: StartRelay) -> None:
+    relay = await start_relay(spill_at=SPILL, max_message_size=BIG_LIMIT)
+    fields = b"".join(b"X-Field-%d: value\r\n" % n for n in range(60_000))  # > 1 MiB
+    reply = await send(relay, fields + b"\r\nbody\r\n")
+    assert reply == str(replies.HEADER_TOO_BIG)
+    assert relay.nothing_spooled()
+
+
+async def test_client_gone_during_a_large_body_leaves_no_file(
+    start_relay: StartRelay, open_raw: OpenRaw
+) -> None:
+    relay = await start_relay(spill_at=SPILL, max_message_size=BIG_LIMIT)
+    raw = await greeted(open_raw, relay)
+    await off_loop(raw.send, b"MAIL FROM:<scanner@example.com>\r\nRCPT TO:<alice@example.com>\r\n")
+    await off_loop(raw.replies, 2)
+    assert (await off_loop(raw.command, b"DATA\r\n"))[0].startswith("354")
+    await off_loop(raw.send, stuffed(scan_body())[:100_000])
+    await until(lambda: bool(received_files(relay)), "a .recv file")
+    raw.close()
+    await until(relay.nothing_spooled, "the .recv file to go")
+    assert relay.received("aborted") == 1
+
+
+async def test_spool_that_cannot_take_a_large_body_answers_451_and_reads_to_the_end(
+    start_relay: StartRelay, open_raw: OpenRaw
+) -> None:
+    """The body is read and dropped to its final dot: none of its lines becomes a command."""
+    relay = await start_relay(spill_at=SPILL, max_message_size=BIG_LIMIT)
+    tmp = relay.spool.root / "tmp"
+    tmp.rmdir()
+    tmp.write_bytes(b"")  # a file where tmp/ should be: nothing can be created in it
+    raw = await greeted(open_raw, relay)
+    await off_loop(raw.send, b"MAIL FROM:<scanner@example.com>\r\nRCPT TO:<alice@example.com>\r\n")
+    await off_loop(raw.replies, 2)
+    assert (await off_loop(raw.command, b"DATA\r\n"))[0].startswith("354")
+    body = scan_body() + b"RSET\r\nMAIL FROM:<evil@example.com>\r\n"
+    await off_loop(raw.send, stuffed(body) + b".\r\nNOOP\r\n")
+    assert await off_loop(raw.replies, 2) == [
+        [str(replies.TEMPORARY_FAILURE)],
+        ["250 OK"],
+    ]
+    assert relay.files("data") == []
+    assert relay.files("incoming") == []
+    assert relay.received("error") == 1
 
 
 # --- swaks -------------------------------------------------------------------------------------
