@@ -56,6 +56,7 @@ IDLE_SESSION_SECONDS = 15.0  # an idle session is kept this long for the next pa
 PAUSE_INITIAL = 5.0
 RECONCILE_SECONDS = 60.0  # default of [delivery] rescan
 SPOOL_DRAIN_SECONDS = 10.0
+IN_MEMORY_BODY = 1024 * 1024  # larger bodies are sent from their file, a piece at a time
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -517,7 +518,9 @@ class Delivery:
 
     async def _attempt(self, entry: QueueEntry, session: UpstreamSession) -> None:
         try:
-            body = await self._spool_call(self._spool.read_body, entry.queue_id)
+            body = await self._spool_call(
+                self._spool.body_for_delivery, entry.queue_id, IN_MEMORY_BODY
+            )
         except FileNotFoundError:
             await self._spool_call(
                 self._spool.quarantine, entry.queue_id, State.ACTIVE, "message body is missing"

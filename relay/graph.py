@@ -33,6 +33,7 @@ from relay.model import QueueEntry
 from relay.policy import Stage
 from relay.replies import SmtpReply
 from relay.sender import SenderPolicy, apply_sender_policy
+from relay.storedbody import MessageBody, StoredBody
 
 log = logging.getLogger("relay.graph")
 
@@ -161,18 +162,23 @@ class GraphSession:
         self._token = token
         self.usable = True
 
-    async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
+    def _too_large(self, encoded: int) -> SmtpReply:
+        limit = self._upstream.max_request
+        return SmtpReply(
+            552, "5.3.4", f"message too large for Graph ({encoded} bytes encoded, limit {limit})"
+        )
+
+    async def send(self, entry: QueueEntry, body: MessageBody) -> Outcomes:
         upstream = self._upstream
         pending = [r.address for r in entry.pending]
+        if isinstance(body, StoredBody):  # never read a body Graph cannot take anyway
+            encoded = (body.size + 2) // 3 * 4
+            if encoded > upstream.max_request:
+                return {address: (Stage.EOD, self._too_large(encoded)) for address in pending}
+            body = await asyncio.to_thread(body.read)
         mime = await asyncio.to_thread(upstream.prepare, entry, body, pending)
         if len(mime) > upstream.max_request:
-            reply = SmtpReply(
-                552,
-                "5.3.4",
-                f"message too large for Graph ({len(mime)} bytes encoded, limit "
-                f"{upstream.max_request})",
-            )
-            return {address: (Stage.EOD, reply) for address in pending}
+            return {address: (Stage.EOD, self._too_large(len(mime))) for address in pending}
         answer = await self._request("POST", "/sendMail", content=mime, stage="eod")
         if isinstance(answer, SmtpReply):
             return {address: (Stage.EOD, answer) for address in pending}

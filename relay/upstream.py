@@ -7,7 +7,10 @@ It decides nothing (policy.py does) and touches no spool state. Two kinds:
 - SmtpUpstream: any SMTP server (provider, smart host, MX connector), STARTTLS / implicit TLS
   / none, AUTH PLAIN or LOGIN with a password, or no AUTH. The same session class sends.
 - MaildirUpstream: the sandbox; writes each message into a Maildir folder.
-Library exceptions become UpstreamError(stage, detail, reply) here and nowhere else.
+A body over 1 MiB comes as a StoredBody: the SMTP session sends it from its file a piece at
+a time (the sender policy edits the header block only; each write waits for the connection
+to take the last one), the maildir copies it. Library exceptions become UpstreamError(stage,
+detail, reply) here and nowhere else.
 """
 
 from __future__ import annotations
@@ -19,18 +22,27 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.protocol import SMTPProtocol
 
 from relay.errors import TokenError, UpstreamError, UpstreamTimeout
 from relay.model import QueueEntry
-from relay.osutil import fsync_dir, make_private_dir, write_private_file
+from relay.osutil import (
+    copy_range,
+    fsync_dir,
+    make_private_dir,
+    open_private_file,
+    unlink_quietly,
+    write_private_file,
+)
 from relay.policy import Stage
 from relay.replies import SmtpReply
 from relay.sender import SenderPolicy, apply_sender_policy
+from relay.storedbody import MessageBody, StoredBody
 
 log = logging.getLogger("relay.upstream")
 
@@ -39,6 +51,7 @@ FINAL_REPLY_MAX = 600.0
 SLOW_UPLINK_BYTES_PER_SECOND = 100_000
 LARGE_BODY = 256 * 1024  # bodies above this are prepared off the event loop
 Outcomes = dict[str, tuple[Stage, SmtpReply]]
+Content = bytes | tuple[bytes, StoredBody, int]  # in memory, or a new head + the rest of a file
 
 NO_SMTPUTF8 = SmtpReply(554, "5.6.7", "upstream does not support SMTPUTF8 for a non-ASCII address")
 
@@ -50,20 +63,33 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 def smtp_data(body: bytes) -> bytes:
     """The body as DATA content: every line ending CRLF, leading dots doubled (RFC 5321
     4.5.2), and the end-of-data line appended."""
-    data = body
-    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
-        data = _LINE_END.sub(b"\r\n", data)  # the spool holds CRLF already: rarely needed
-    if data.startswith(b".") or b"\n." in data:
-        data = _LEADING_DOT.sub(b"..", data)
+    data = dot_stuffed(body)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data + b".\r\n"
 
 
+def dot_stuffed(piece: bytes) -> bytes:
+    """Lines that start in `piece` (it starts at a line start) ending CRLF, leading dots
+    doubled. The same object when nothing needs it (the spool holds CRLF already)."""
+    data = piece
+    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
+        data = _LINE_END.sub(b"\r\n", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    return data
+
+
+def _next_stuffed(pieces: Iterator[bytes]) -> bytes:
+    """The next piece of a stored body, dot-stuffed; b"" at the end."""
+    piece = next(pieces, b"")
+    return dot_stuffed(piece) if piece else b""
+
+
 class UpstreamSession(Protocol):
     usable: bool
 
-    async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
+    async def send(self, entry: QueueEntry, body: MessageBody) -> Outcomes:
         """Offer `body` to every pending recipient of `entry`; raise UpstreamError when the
         session fails without a per-recipient answer."""
         ...
@@ -137,14 +163,19 @@ class ExchangeOnlineSession:
         self._stage = "mail"
         self._policy = policy
 
-    async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
+    async def send(self, entry: QueueEntry, body: MessageBody) -> Outcomes:
         pending = [r.address for r in entry.pending]
-        mail_from, body = await asyncio.to_thread(self._apply_policy, entry, body)
+        if isinstance(body, StoredBody):  # the policy edits the header block only
+            head = await asyncio.to_thread(body.header_block)
+            mail_from, new_head = await asyncio.to_thread(self._apply_policy, entry, head)
+            content: Content = (new_head, body, len(head))
+        else:
+            mail_from, content = await asyncio.to_thread(self._apply_policy, entry, body)
         if entry.smtputf8 and not self._client.supports_extension("smtputf8"):
             return {address: (Stage.MAIL, NO_SMTPUTF8) for address in pending}
         options, encoding = self._mail_options(entry)
         try:
-            return await self._transaction(mail_from, pending, body, options, encoding)
+            return await self._transaction(mail_from, pending, content, options, encoding)
         except (TimeoutError, aiosmtplib.SMTPTimeoutError):  # before OSError: it is one
             self.usable = False
             raise UpstreamTimeout(self._stage, "upstream stopped answering") from None
@@ -173,7 +204,7 @@ class ExchangeOnlineSession:
         return options, "ascii"
 
     async def _transaction(
-        self, sender: str, recipients: list[str], body: bytes, options: list[str], encoding: str
+        self, sender: str, recipients: list[str], body: Content, options: list[str], encoding: str
     ) -> Outcomes:
         client = self._client
         self._stage = "mail"
@@ -200,27 +231,61 @@ class ExchangeOnlineSession:
         stage, reply = await self._data(body)
         return {**outcomes, **{a: (stage, reply) for a in accepted}}
 
-    async def _data(self, body: bytes) -> tuple[Stage, SmtpReply]:
+    async def _data(self, body: Content) -> tuple[Stage, SmtpReply]:
         """DATA and the body as two steps, so that a refusal or a silence before the 354 is
-        known to have sent nothing (not ambiguous), unlike one after the body."""
+        known to have sent nothing (not ambiguous), unlike one after the final dot."""
         client = self._client
         self._stage = "data"
         response = await client.execute_command(b"DATA")
         if response.code != 354:
             return await self._refused(Stage.DATA, response.code, response.message)
-        self._stage = "eod"
         protocol = client.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
-        data = (
-            await asyncio.to_thread(smtp_data, body) if len(body) > LARGE_BODY else smtp_data(body)
-        )
-        protocol.write(data)
-        timeout = final_reply_timeout(client.timeout or FINAL_REPLY_MAX, len(data))
+        if isinstance(body, bytes):
+            data = (
+                await asyncio.to_thread(smtp_data, body)
+                if len(body) > LARGE_BODY
+                else smtp_data(body)
+            )
+            self._stage = "eod"
+            protocol.write(data)
+            size = len(data)
+        else:
+            size = await self._stream(protocol, *body)
+        timeout = final_reply_timeout(client.timeout or FINAL_REPLY_MAX, size)
         response = await protocol.read_response(timeout=timeout)
         if response.code != 250:
             return await self._refused(Stage.EOD, response.code, response.message)
         return Stage.EOD, SmtpReply.parse(response.code, response.message)
+
+    async def _stream(
+        self, protocol: SMTPProtocol, head: bytes, body: StoredBody, offset: int
+    ) -> int:
+        """Send `head`, then the stored body from `offset` on, a piece at a time (read and
+        stuffed in a worker thread, written once the connection has taken the previous
+        one), then the final dot. Returns the bytes sent. A connection that takes nothing
+        for the client's timeout raises TimeoutError (before the dot: not ambiguous)."""
+        pieces = body.pieces(offset)
+        sent, last = 0, b"\n"
+        data = dot_stuffed(head) if head else b""
+        while data:
+            protocol.write(data)
+            sent += len(data)
+            last = data[-1:]
+            await self._drained(protocol)
+            data = await asyncio.to_thread(_next_stuffed, pieces)
+        end = b".\r\n" if last == b"\n" else b"\r\n.\r\n"
+        self._stage = "eod"
+        protocol.write(end)
+        return sent + len(end)
+
+    async def _drained(self, protocol: SMTPProtocol) -> None:
+        """Wait until the transport's buffer is below its high-water mark (aiosmtplib's
+        protocol keeps asyncio's flow control in `_drain_helper`; without it, no wait)."""
+        drain = getattr(protocol, "_drain_helper", None)
+        if drain is not None:
+            await asyncio.wait_for(drain(), self._client.timeout or FINAL_REPLY_MAX)
 
     async def _refused(self, stage: Stage, code: int, message: str) -> tuple[Stage, SmtpReply]:
         exc = aiosmtplib.SMTPResponseException(code, message)
@@ -406,21 +471,38 @@ class MaildirSession:
     def __init__(self, root: Path) -> None:
         self._root = root
 
-    async def send(self, entry: QueueEntry, body: bytes) -> Outcomes:
+    async def send(self, entry: QueueEntry, body: MessageBody) -> Outcomes:
         await asyncio.to_thread(self._write, entry, body)
         return {r.address: (Stage.EOD, DELIVERED) for r in entry.pending}
 
-    def _write(self, entry: QueueEntry, body: bytes) -> None:
+    def _write(self, entry: QueueEntry, body: MessageBody) -> None:
         trace = f"Return-Path: <{entry.mail_from}>\r\n".encode()
         trace += b"".join(f"Delivered-To: {r.address}\r\n".encode() for r in entry.pending)
         name = f"{time.time_ns()}.{os.getpid()}_{entry.queue_id}.{socket.gethostname()}"
         tmp = self._root / "tmp" / name
-        write_private_file(tmp, trace + body)
+        if isinstance(body, bytes):
+            write_private_file(tmp, trace, body)
+        else:
+            _copy_with_trace(tmp, trace, body)
         os.replace(tmp, self._root / "new" / name)
         fsync_dir(self._root / "new")
 
     async def close(self) -> None:
         return None
+
+
+def _copy_with_trace(path: Path, trace: bytes, body: StoredBody) -> None:
+    """`path` = `trace` + the stored body (copied in the kernel where it can), fsynced."""
+    with open_private_file(path) as out:
+        try:
+            out.write(trace)
+            out.flush()
+            with body.path.open("rb") as source:
+                copy_range(source, out, 0, body.size)
+            os.fsync(out.fileno())
+        except BaseException:
+            unlink_quietly(path)
+            raise
 
 
 class MaildirUpstream:

@@ -23,6 +23,8 @@ from relay.errors import TokenError, UpstreamError, UpstreamTimeout
 from relay.model import QueueEntry, RcptState, Recipient
 from relay.policy import Stage, Verdict, classify_error
 from relay.replies import SmtpReply
+from relay.sender import SenderPolicy
+from relay.storedbody import StoredBody
 from relay.tokens import MsalTokenProvider
 from relay.upstream import (
     NO_SMTPUTF8,
@@ -106,6 +108,7 @@ def make_upstream(
         tokens: MsalTokenProvider | None = None,
         tls_context: ssl.SSLContext | None = None,
         timeout: float = 5,
+        policy: SenderPolicy | None = None,
     ) -> ExchangeOnlineUpstream:
         source = tokens or provider
         return ExchangeOnlineUpstream(
@@ -117,6 +120,7 @@ def make_upstream(
             tls_context=tls_context or client_tls_context(pki.ca_file),
             timeout=timeout,
             local_hostname="relay.test",
+            policy=policy,
         )
 
     return factory
@@ -560,6 +564,95 @@ async def test_no_answer_to_the_data_command_is_not_ambiguous(
 
     assert caught.value.stage == "data"
     assert not classify_error(caught.value).ambiguous
+
+
+# --------------------------------------------------------------------------- large bodies
+
+# A body sent from its spool file, read in pieces that do not end where lines do in general
+# (each piece is cut back to its last line end): dot-led lines land on piece starts too.
+LARGE = BODY + b"".join(
+    (b"." if n % 7 == 0 else b"") + b"line %d " % n + b"x" * (n % 90) + b"\r\n" for n in range(3000)
+)
+
+
+def stored(tmp_path: Path, body: bytes, piece: int = 97) -> StoredBody:
+    path = tmp_path / "body.eml"
+    path.write_bytes(body)
+    return StoredBody(path, len(body), piece)
+
+
+@pytest.mark.parametrize("ending", [b"\r\n", b""], ids=["crlf", "no-final-crlf"])
+async def test_stored_body_is_sent_piece_by_piece_byte_exact(
+    make_upstream: UpstreamFactory,
+    exchange: FakeExchange,
+    sessions: list[ExchangeOnlineSession],
+    tmp_path: Path,
+    ending: bytes,
+) -> None:
+    session = await open_session(make_upstream(), sessions)
+    body = LARGE.removesuffix(b"\r\n") + ending
+
+    outcomes = await session.send(make_entry("bob@example.org", body=body), stored(tmp_path, body))
+
+    assert_delivered(outcomes["bob@example.org"])
+    [message] = exchange.messages
+    assert message.data == LARGE
+    assert f"SIZE={len(body)}" in message.mail_options
+    assert session.usable
+
+
+async def test_stored_body_gets_the_sender_policy_on_its_header_only(
+    make_upstream: UpstreamFactory,
+    exchange: FakeExchange,
+    sessions: list[ExchangeOnlineSession],
+    tmp_path: Path,
+) -> None:
+    policy = SenderPolicy(MAILBOX, (), "rewrite")
+    session = await open_session(make_upstream(policy=policy), sessions)
+
+    outcomes = await session.send(make_entry("bob@example.org"), stored(tmp_path, LARGE))
+
+    assert_delivered(outcomes["bob@example.org"])
+    [message] = exchange.messages
+    assert message.mail_from == MAILBOX
+    head, _, rest = message.data.partition(b"\r\n\r\n")
+    assert f"<{MAILBOX}>".encode() in head
+    assert b"From: Scanner <scanner@contoso.com>" not in head
+    assert rest == LARGE.partition(b"\r\n\r\n")[2]
+
+
+async def test_disconnect_while_a_stored_body_is_sent_is_not_ambiguous(
+    make_upstream: UpstreamFactory,
+    exchange: FakeExchange,
+    sessions: list[ExchangeOnlineSession],
+    tmp_path: Path,
+) -> None:
+    """The final dot was never sent: the upstream cannot have the message."""
+    session = await open_session(make_upstream(), sessions)
+    exchange.drop_connection_mid_data()
+    body = LARGE * 40  # far more than the fake reads before dropping
+
+    with pytest.raises(UpstreamError) as caught:
+        await session.send(make_entry("bob@example.org", body=body), stored(tmp_path, body, 65536))
+
+    assert caught.value.stage == "data"
+    assert not classify_error(caught.value).ambiguous
+    assert not session.usable
+    assert exchange.messages == []
+
+
+async def test_maildir_copies_a_stored_body(tmp_path: Path) -> None:
+    root = tmp_path / "md"
+    session = await MaildirUpstream(root).open()
+
+    await session.send(make_entry("bob@example.org"), stored(tmp_path, LARGE))
+
+    [path] = list((root / "new").iterdir())
+    assert path.read_bytes() == (
+        b"Return-Path: <scanner@contoso.com>\r\nDelivered-To: bob@example.org\r\n" + LARGE
+    )
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert list((root / "tmp").iterdir()) == []
 
 
 # --------------------------------------------------------------------------- lost and stalled

@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL the daemon repeatedly while 500 messages are being submitted and
 delivered. Every message that got a 250 must reach the upstream; duplicates may only come from
-messages in flight at a kill, and are reported. Group commit is on (where the kernel has a
+messages in flight at a kill, and are reported. Every 50th message is over 1 MiB, so bodies
+received into a file and sent from it are killed too. Group commit is on (where the kernel has a
 trustworthy syncfs), as in production."""
 
 from __future__ import annotations
@@ -27,11 +28,15 @@ CONCURRENCY = 3
 REPORTS: list[str] = []
 
 
+LARGE_EVERY = 50  # every 50th message is over 1 MiB: received into a file, sent from it
+
+
 def message(n: int) -> bytes:
+    lines = 16_000 if n % LARGE_EVERY == LARGE_EVERY // 2 else n % 7 * 8
     return (
         f"From: <{MAILBOX}>\r\nTo: <bob@example.org>\r\nSubject: crash test {n}\r\n"
         f"Message-ID: <crash-{n}@contoso.com>\r\n\r\nbody of message {n}\r\n"
-    ).encode() + (b"x" * 76 + b"\r\n") * (n % 7 * 8)
+    ).encode() + (b"x" * 76 + b"\r\n") * lines
 
 
 class Submitter:
@@ -146,5 +151,11 @@ def test_sigkill_during_load_loses_no_acknowledged_message(
     assert not list((spool / "corrupt").iterdir()), "a crash must never corrupt the spool"
     assert not list((spool / "failed").iterdir())
     assert set(counts) == wanted, "nothing unacknowledged or foreign delivered"
+    large = [m for m in exchange.messages if len(m.data) > 1024 * 1024]
+    assert len({m.message_id_reply for m in large}) == TOTAL // LARGE_EVERY
+    for sent in large:
+        n = int(sent.message_id_reply.removeprefix("<crash-").split("@")[0])
+        assert sent.data.endswith(message(n).partition(b"\r\n\r\n")[2]), n
+    assert not list((spool / "tmp").glob("*.recv")), "received files are committed or removed"
     in_flight_bound = len(KILL_AFTER_ACKS) * (CONCURRENCY + CLIENTS)
     assert duplicates <= in_flight_bound, "duplicates only from messages in flight at a kill"
