@@ -65,7 +65,9 @@ def header_too_large(data: bytes, limit: int) -> bool:
     """The header block (up to the first empty line, CRLF or bare LF) is over `limit` bytes.
     A message without an empty line is all header."""
     window = limit + 4  # never searches a large body past the limit
-    ends = [i for i in (data.find(b"\r\n\r\n", 0, window), data.find(b"\n\n", 0, window)) if i >= 0]
+    crlf = data.find(b"\r\n\r\n", 0, window)
+    lf = data.find(b"\n\n", 0, window if crlf < 0 else crlf)  # only an earlier one matters
+    ends = [i for i in (crlf, lf) if i >= 0]
     header = min(ends) if ends else len(data)
     return header > limit
 

@@ -707,3 +707,16 @@ def test_token_errors_pause_the_upstream_with_the_aadsts_fix(code: int | None, f
 )
 def test_header_too_large(data: bytes, limit: int, too_large: bool) -> None:
     assert header_too_large(data, limit) is too_large
+
+
+@given(
+    data=st.lists(st.sampled_from([b"X: v", b"\r\n", b"\n", b"\r", b"h" * 40]), max_size=60).map(
+        b"".join
+    ),
+    limit=st.integers(0, 400),
+)
+def test_header_too_large_matches_the_first_empty_line_whatever_its_line_ends(
+    data: bytes, limit: int
+) -> None:
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    assert header_too_large(data, limit) is ((min(ends) if ends else len(data)) > limit)
