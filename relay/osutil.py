@@ -73,26 +73,25 @@ COPY_PIECE = 1024 * 1024
 
 def copy_range(src: IO[bytes], dst: IO[bytes], offset: int, count: int) -> None:
     """Append `count` bytes of `src` from `offset` to `dst` (flushed by the caller): in the
-    kernel with copy_file_range (Linux, BSD), else through a 1 MiB buffer."""
+    kernel with copy_file_range (Linux, BSD), else (or for what it left) through a buffer."""
+    done = 0
     if hasattr(os, "copy_file_range"):
-        with contextlib.suppress(OSError):  # EXDEV, ENOSYS, EINVAL: copy by hand instead
-            done = 0
+        with contextlib.suppress(OSError):  # EXDEV, ENOSYS, EINVAL: copy the rest by hand
             while done < count:
                 copied = os.copy_file_range(src.fileno(), dst.fileno(), count - done, offset + done)
                 if copied == 0:
                     break
                 done += copied
-            if done == count:
-                return
-            offset, count = offset + done, count - done
-    src.seek(offset)
+    if done == count:
+        return
+    src.seek(offset + done)
     dst.seek(0, os.SEEK_END)
-    while count > 0:
-        piece = src.read(min(COPY_PIECE, count))
+    while done < count:
+        piece = src.read(min(COPY_PIECE, count - done))
         if not piece:
-            raise OSError(f"{count} bytes short copying {src.name}")
+            raise OSError(f"{count - done} bytes short copying {src.name}")
         dst.write(piece)
-        count -= len(piece)
+        done += len(piece)
     dst.flush()
 
 

@@ -79,7 +79,7 @@ class ReceivingBody:
         self._held += len(data)
         try:
             if self._file is None and self._held > self._spill_at:
-                self._path, self._file = await asyncio.to_thread(self._open_file)
+                self._path, self._file = await self._opened()
                 self._pieces.insert(0, self._head)
                 self._held += len(self._head)
             if self._file is not None and self._held >= WRITE_AT:
@@ -87,6 +87,16 @@ class ReceivingBody:
         except OSError as exc:
             self.error = exc
             self.drop()
+
+    async def _opened(self) -> tuple[Path, IO[bytes]]:
+        """The file, created in a worker thread; closed and removed if the session ends
+        before the thread is done."""
+        opening = asyncio.ensure_future(asyncio.to_thread(self._open_file))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
 
     def drop(self) -> None:
         """The message is over the size limit: keep nothing more, free what is held."""
@@ -127,6 +137,14 @@ class ReceivingBody:
         self._pieces, self._held = [], 0
         await asyncio.to_thread(file.write, data)
         self._written += len(data)
+
+
+def _close_opened(opening: asyncio.Future[tuple[Path, IO[bytes]]]) -> None:
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    path, file = opening.result()
+    file.close()
+    unlink_quietly(path)
 
 
 @dataclass(frozen=True)
@@ -231,10 +249,10 @@ def _replace(spilled: Spilled, parts: tuple[bytes, ...], *, body_at: int) -> Bod
         new.flush()
         copy_range(spilled.file, new, body_at, spilled.size - body_at)
         size = os.fstat(new.fileno()).st_size
+        spilled.file.close()  # before the rename: Windows cannot replace an open file
         os.replace(new_path, spilled.path)
     except BaseException:
         new.close()
         unlink_quietly(new_path)
         raise
-    spilled.file.close()
     return BodyFile(spilled.path, new, size)

@@ -211,6 +211,31 @@ def _header_fields(data: bytes) -> list[_Field]:
     return fields
 
 
+def header_end(data: bytes, *, whole: bool) -> int | None:
+    """Where the header block that `_header_fields` reads ends in `data` (the first bytes of
+    a message, all of it when `whole`): the offset of the empty line or the first line that
+    is not a header line, or of the end when `whole` and there is none. None when the block
+    may go on past `data`. The policy applied to `data[:end]` changes the same bytes as on
+    the whole message, and leaves `data[end:]` as it is."""
+    pos, in_field = 0, False
+    while pos < len(data):
+        match = _EOL.search(data, pos)
+        if match is None:
+            return len(data) if whole else None  # a last line that may not be complete
+        line = data[pos : match.start()]
+        if not line:
+            return pos
+        if line[:1] in (b" ", b"\t"):
+            if not in_field:
+                return pos
+        elif _FIELD_NAME.match(line) is None:
+            return pos
+        else:
+            in_field = True
+        pos = match.end()
+    return pos if whole else None
+
+
 # --- address lists -----------------------------------------------------------------------------
 
 

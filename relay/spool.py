@@ -5,10 +5,11 @@ changed; `<state>/<id>.json` holds its envelope and per-recipient state. The met
 commit marker, and a message changes state only by an atomic rename of it between the state
 directories incoming/, active/, deferred/, failed/ and corrupt/. `tmp/` holds metadata being
 written and, as `<id>.recv`, bodies too large to hold in memory while they arrive (committed
-by fsync through their own handle and a rename into data/). `commit()` returns only once body, metadata and both directory entries are fsynced;
-`commit_batch()` (group commit, Linux syncfs) writes several messages' bodies and their
-metadata in tmp/, flushes once, then renames the metadata into incoming/: from the flush on,
-a complete `tmp/<id>.json` with its complete body is itself a committed message.
+by fsync through their own handle and a rename into data/). `commit()` returns only once
+body, metadata and both directory entries are fsynced; `commit_batch()` (group commit,
+Linux syncfs) writes several messages' bodies and their metadata in tmp/, flushes once,
+then renames the metadata into incoming/: from the flush on, a complete `tmp/<id>.json`
+with its complete body is itself a committed message.
 
 Recovery at start-up promotes such tmp/ entries to incoming/, removes half-written files,
 requeues active/ (in flight when the process died) and quarantines anything unreadable in

@@ -1,14 +1,15 @@
 """A spooled message body too large to hold in memory, read back in pieces for delivery.
 
-One job: name a body file and its size, and read it as its header block and then as pieces
-that each end at a line end (so an SMTP client can dot-stuff piece by piece). Limits: the
+One job: name a body file and its size, and read its first bytes (where the header block is)
+and then pieces that end at line ends where they can (so an SMTP client can dot-stuff piece
+by piece). Limits: the
 file must not change while it is read (spool bodies are written once); reads are blocking,
 so async callers run them in a worker thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,30 +27,24 @@ class StoredBody:
         """All of it (for an upstream that needs the whole message)."""
         return self.path.read_bytes()
 
-    def header_block(self) -> bytes:
-        """The bytes up to and including the first empty line (`b""` when there is none in
-        the first HEADER_LIMIT bytes: then nothing counts as header)."""
+    def start(self, limit: int = HEADER_LIMIT) -> bytes:
+        """The first `limit` bytes (all of a shorter body): where its header block is."""
         with self.path.open("rb") as file:
-            start = file.read(HEADER_LIMIT)
-        end = start.find(b"\r\n\r\n")
-        if start.startswith(b"\r\n"):
-            return b"\r\n"
-        return start[: end + 4] if end >= 0 else b""
+            return file.read(limit)
 
-    def pieces(self, offset: int) -> Iterator[bytes]:
-        """From `offset` to the end, about `piece` bytes at a time, each but the last ending
-        with an LF (a line longer than `piece` comes as one longer piece)."""
+    def pieces(self, offset: int) -> Generator[bytes, None, None]:
+        """From `offset` to the end, about `piece` bytes at a time, each cut just after an LF
+        where the piece has one; a longer run without LF is cut at `piece` bytes, never
+        between a CR and what follows it."""
         with self.path.open("rb") as file:
             file.seek(offset)
             carry = b""
             while piece := file.read(self.piece):
                 piece = carry + piece
-                cut = piece.rfind(b"\n") + 1
-                if cut == 0:
-                    carry = piece
-                    continue
+                cut = piece.rfind(b"\n") + 1 or len(piece) - piece.endswith(b"\r")
                 carry = piece[cut:]
-                yield piece[:cut]
+                if cut:
+                    yield piece[:cut]
             if carry:
                 yield carry
 

@@ -16,13 +16,14 @@ detail, reply) here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Protocol
 
@@ -41,7 +42,7 @@ from relay.osutil import (
 )
 from relay.policy import Stage
 from relay.replies import SmtpReply
-from relay.sender import SenderPolicy, apply_sender_policy
+from relay.sender import SenderPolicy, apply_sender_policy, header_end
 from relay.storedbody import MessageBody, StoredBody
 
 log = logging.getLogger("relay.upstream")
@@ -57,7 +58,6 @@ NO_SMTPUTF8 = SmtpReply(554, "5.6.7", "upstream does not support SMTPUTF8 for a 
 
 
 _LINE_END = re.compile(rb"\r\n|\n|\r")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 
 
 def smtp_data(body: bytes) -> bytes:
@@ -69,21 +69,27 @@ def smtp_data(body: bytes) -> bytes:
     return data + b".\r\n"
 
 
-def dot_stuffed(piece: bytes) -> bytes:
-    """Lines that start in `piece` (it starts at a line start) ending CRLF, leading dots
-    doubled. The same object when nothing needs it (the spool holds CRLF already)."""
+def dot_stuffed(piece: bytes, *, line_start: bool = True) -> bytes:
+    """`piece` with every line end CRLF and every dot that starts a line doubled; its first
+    byte starts a line when `line_start`. The same object when nothing needs it (the spool
+    holds CRLF already)."""
     data = piece
     if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
         data = _LINE_END.sub(b"\r\n", data)
-    if data.startswith(b".") or b"\n." in data:
-        data = _LEADING_DOT.sub(b"..", data)
+    if b"\n." in data:
+        data = data.replace(b"\n.", b"\n..")
+    if line_start and data.startswith(b"."):
+        data = b"." + data
     return data
 
 
-def _next_stuffed(pieces: Iterator[bytes]) -> bytes:
+def _next_stuffed(pieces: Generator[bytes, None, None], line_start: bool) -> bytes:
     """The next piece of a stored body, dot-stuffed; b"" at the end."""
-    piece = next(pieces, b"")
-    return dot_stuffed(piece) if piece else b""
+    try:
+        piece = next(pieces, b"")
+    except OSError as exc:  # the spool, not the upstream: the session is cut all the same
+        raise UpstreamError("data", f"cannot read the message from the spool: {exc}") from None
+    return dot_stuffed(piece, line_start=line_start) if piece else b""
 
 
 class UpstreamSession(Protocol):
@@ -165,11 +171,16 @@ class ExchangeOnlineSession:
 
     async def send(self, entry: QueueEntry, body: MessageBody) -> Outcomes:
         pending = [r.address for r in entry.pending]
+        content: Content
         if isinstance(body, StoredBody):  # the policy edits the header block only
-            head = await asyncio.to_thread(body.header_block)
-            mail_from, new_head = await asyncio.to_thread(self._apply_policy, entry, head)
-            content: Content = (new_head, body, len(head))
-        else:
+            start = await asyncio.to_thread(body.start)
+            end = header_end(start, whole=len(start) == body.size)
+            if end is None:  # a header block longer than StoredBody.start: read it all
+                body = await asyncio.to_thread(body.read)
+            else:
+                mail_from, head = await asyncio.to_thread(self._apply_policy, entry, start[:end])
+                content = (head, body, end)
+        if isinstance(body, bytes):
             mail_from, content = await asyncio.to_thread(self._apply_policy, entry, body)
         if entry.smtputf8 and not self._client.supports_extension("smtputf8"):
             return {address: (Stage.MAIL, NO_SMTPUTF8) for address in pending}
@@ -266,15 +277,17 @@ class ExchangeOnlineSession:
         stuffed in a worker thread, written once the connection has taken the previous
         one), then the final dot. Returns the bytes sent. A connection that takes nothing
         for the client's timeout raises TimeoutError (before the dot: not ambiguous)."""
-        pieces = body.pieces(offset)
         sent, last = 0, b"\n"
-        data = dot_stuffed(head) if head else b""
-        while data:
+        if head:
+            data = dot_stuffed(head)
             protocol.write(data)
-            sent += len(data)
-            last = data[-1:]
-            await self._drained(protocol)
-            data = await asyncio.to_thread(_next_stuffed, pieces)
+            sent, last = len(data), data[-1:]
+        with contextlib.closing(body.pieces(offset)) as pieces:
+            while data := await asyncio.to_thread(_next_stuffed, pieces, last == b"\n"):
+                await self._drained(protocol)
+                protocol.write(data)
+                sent, last = sent + len(data), data[-1:]
+        await self._drained(protocol)
         end = b".\r\n" if last == b"\n" else b"\r\n.\r\n"
         self._stage = "eod"
         protocol.write(end)

@@ -22,6 +22,7 @@ import shutil
 import smtplib
 import socket
 import stat
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay import replies
 from relay.errors import SpoolError
-from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler
+from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler, RelaySMTP, SessionRegistry
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
 from relay.normalize import normalize_message
@@ -810,6 +811,27 @@ async def test_only_crlf_dot_crlf_ends_the_data(start_relay: StartRelay, open_ra
     assert entry.recipients == (Recipient("b@example.com"),)
 
 
+# --- aiosmtpd's dispatch tables ---------------------------------------------------------------
+
+
+async def test_short_dir_listing_gives_aiosmtpd_the_same_tables(tmp_path: Path) -> None:
+    """RelaySMTP and RelayHandler list only their hooks in dir() (aiosmtpd builds its tables
+    from dir() on every connection): the tables must hold every hook the full listing has."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    limits = IngressLimits(HOSTNAME, (LOCALHOST,), MAX_SIZE, 10)
+    handler = RelayHandler(spool, limits, Metrics(), lambda entry: None)
+    session = RelaySMTP(handler, limits, SessionRegistry())
+    everything = object.__dir__(session)
+    assert set(session._smtp_methods) == {n[5:] for n in everything if n.startswith("smtp_")}
+    assert set(session._auth_methods) == {n[5:] for n in everything if n.startswith("auth_")} - {
+        "CRAM_MD5"
+    }
+    hooks = {n[7:] for n in object.__dir__(handler) if n.startswith("handle_")}
+    assert set(session._handle_hooks) == hooks
+    assert {"DATA", "EHLO", "MAIL", "RCPT", "exception"} <= hooks
+
+
 # --- large messages: the body goes to a file while it arrives (issue #8) -----------------------
 
 SPILL = 4096  # bytes of body held in memory before the rest goes to tmp/
@@ -944,6 +966,32 @@ async def test_client_gone_during_a_large_body_leaves_no_file(
     raw.close()
     await until(relay.nothing_spooled, "the .recv file to go")
     assert relay.received("aborted") == 1
+
+
+async def test_client_gone_right_after_the_final_dot_of_a_large_body_leaves_no_stray_file(
+    start_relay: StartRelay, open_raw: OpenRaw
+) -> None:
+    """The session ends while the body is normalised in a worker thread (bare LF: in
+    memory): the files are removed once the thread is done, unless the commit took them."""
+    relay = await start_relay(spill_at=SPILL, max_message_size=BIG_LIMIT)
+    raw = await greeted(open_raw, relay)
+    await off_loop(raw.send, b"MAIL FROM:<scanner@example.com>\r\nRCPT TO:<alice@example.com>\r\n")
+    await off_loop(raw.replies, 2)
+    assert (await off_loop(raw.command, b"DATA\r\n"))[0].startswith("354")
+    body = scan_body(20_000, line=b"line with a bare LF\n" + b"Q" * 50)
+    await off_loop(raw.send, stuffed(body) + b".\r\n")
+    await until(
+        lambda: any(p.stat().st_size > len(body) for p in received_files(relay)), "all of it"
+    )
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.close()  # a reset: the session ends at once (a FIN would let it answer first)
+
+    def settled() -> bool:
+        stored = {name.removesuffix(".eml") for name in relay.files("data")}
+        queued = {name.removesuffix(".json") for name in relay.files("incoming")}
+        return relay.files("tmp") == [] and stored == queued
+
+    await until(settled, "no file but those of a committed message")
 
 
 async def test_spool_that_cannot_take_a_large_body_answers_451_and_reads_to_the_end(

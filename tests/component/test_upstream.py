@@ -621,6 +621,23 @@ async def test_stored_body_gets_the_sender_policy_on_its_header_only(
     assert rest == LARGE.partition(b"\r\n\r\n")[2]
 
 
+async def test_stored_message_that_is_all_header_is_sent_whole(
+    make_upstream: UpstreamFactory,
+    exchange: FakeExchange,
+    sessions: list[ExchangeOnlineSession],
+    tmp_path: Path,
+) -> None:
+    """No empty line at all (a header-only message over 1 MiB): everything is header."""
+    session = await open_session(make_upstream(), sessions)
+    body = BODY.partition(b"\r\n\r\n")[0] + b"\r\n"
+    body += b"".join(b"X-Field-%d: value\r\n" % n for n in range(60_000))
+
+    outcomes = await session.send(make_entry("bob@example.org", body=body), stored(tmp_path, body))
+
+    assert_delivered(outcomes["bob@example.org"])
+    assert exchange.messages[0].data == body
+
+
 async def test_disconnect_while_a_stored_body_is_sent_is_not_ambiguous(
     make_upstream: UpstreamFactory,
     exchange: FakeExchange,

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.sender import SenderPolicy, SenderRewrite, apply_sender_policy
+from relay.sender import SenderPolicy, SenderRewrite, apply_sender_policy, header_end
 
 MAILBOX = "relay@contoso.com"
 
@@ -755,3 +755,31 @@ def test_a_rewritten_from_with_a_very_long_display_name_stays_under_998_octets()
     assert max(len(line) for line in result.data.split(b"\r\n")) <= 998
     parsed = email.message_from_bytes(result.data, policy=email.policy.default)
     assert parsed["From"].addresses[0].addr_spec == "relay@contoso.com"
+
+
+# A large message is sent from its spool file: the policy sees only the first bytes up to
+# header_end, and the rest goes as it is. That must equal the policy on the whole message.
+whole_messages = st.tuples(
+    st.lists(
+        st.one_of(header_lines, st.sampled_from([b" folded", b"\tx", b"not a field", b""])),
+        max_size=8,
+    ),
+    st.sampled_from([b"\r\n", b"\n", b"\r"]),
+    st.sampled_from([b"", b"body\r\n", b"From: in the body\r\n"]),
+).map(lambda t: t[1].join(t[0]) + t[1] + t[2])
+
+
+@settings(max_examples=400)
+@given(whole_messages, st.integers(0, 400), st.sampled_from(["", "a@b", "x y"]))
+def test_policy_on_the_header_block_alone_equals_the_policy_on_the_whole_message(
+    data: bytes, prefix: int, mail_from: str
+) -> None:
+    whole = apply_sender_policy(PROPERTY_POLICY, mail_from, data)
+    for start, is_whole in ((data[:prefix], prefix >= len(data)), (data, True)):
+        end = header_end(start, whole=is_whole)
+        if end is None:
+            assert not is_whole
+            continue
+        head = apply_sender_policy(PROPERTY_POLICY, mail_from, start[:end])
+        assert head.data + data[end:] == whole.data
+        assert (head.mail_from, head.changes) == (whole.mail_from, whole.changes)
