@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
 import logging
 import re
 import ssl
@@ -78,6 +79,10 @@ MAX_REFUSED_SESSIONS = 16  # beyond this many at once, a refused client is close
 VERIFICATIONS = 2  # password checks at once: each takes ~32 MiB and ~0.1 s of a core
 LINGER = 2.0  # seconds between our FIN and the close, for the client to read the last reply
 EOF_POLL = 0.01
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_ANGLE_ADDR = re.compile(  # then the end, or blanks and a parameter (not a comment)
+    rf"<((?:{_ATEXT}\.)*{_ATEXT}@(?:[A-Za-z0-9-]+\.)*[A-Za-z0-9-]+)>(?=\Z|[ \t]+[^ \t(])"
+)
 AIOSMTPD_GOODBYE = "502 5.5.1 Too many unrecognized commands"  # it closes by itself
 
 
@@ -697,6 +702,13 @@ class RelayHandler:
         return str(replies.TEMPORARY_FAILURE)
 
 
+# aiosmtpd reads the EHLO hook's signature on every connection (to tell its old 4-argument
+# form from the 5-argument one); a precomputed __signature__ makes that a lookup.
+RelayHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
+    RelayHandler.handle_EHLO
+)
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's protocol with the allowlist gate and session limits in front, our own DATA
     reader, local AUTH verified off the event loop, an error budget, and a registry of open
@@ -970,15 +982,21 @@ class RelaySMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's address parser, unchanged in what it accepts, without the class it
-        defines on every call (a typing Protocol: about 5% of the CPU of a MAIL or RCPT)."""
+        defines on every call (a typing Protocol: about 5% of the CPU of a MAIL or RCPT),
+        and with a regular expression for `<dot.atom@host.name>` first (the email parser
+        was 9 % of the event loop's time with one message per connection)."""
         if not arg:
             return "", ""
-        try:
-            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-            address, rest = parse(arg)
-        except HeaderParseError:
-            return None, None
-        addr: str = address.addr_spec
+        simple = _SIMPLE_ANGLE_ADDR.match(arg)
+        if simple is not None:  # what devices send: the email parser would give the same
+            addr, rest = simple.group(1), arg[simple.end() :].lstrip(" \t")
+        else:
+            try:
+                parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+                address, rest = parse(arg)
+            except (HeaderParseError, IndexError):  # IndexError: the parser, on "<" alone
+                return None, None
+            addr = address.addr_spec
         local_part = addr.rpartition("@")[0]
         if self.local_part_limit and len(local_part) > self.local_part_limit:
             return None, None

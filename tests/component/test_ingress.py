@@ -26,13 +26,19 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import aiosmtplib
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay import ingress as ingress_module
 from relay import replies
 from relay.errors import SpoolError
 from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler, RelaySMTP, SessionRegistry
@@ -811,6 +817,19 @@ async def test_only_crlf_dot_crlf_ends_the_data(start_relay: StartRelay, open_ra
     assert entry.recipients == (Recipient("b@example.com"),)
 
 
+async def test_a_lone_angle_bracket_is_a_syntax_error_not_a_server_error(
+    start_relay: StartRelay, open_raw: OpenRaw
+) -> None:
+    relay = await start_relay()
+    raw = await greeted(open_raw, relay)
+    answers = [
+        (await off_loop(raw.command, command))[0][:3]
+        for command in (b"MAIL FROM:<\r\n", b"MAIL FROM:<a@b.c>\r\n", b"RCPT TO:<\r\n")
+    ]
+    assert answers == ["553", "250", "553"]  # was 451 and a traceback in the log
+    assert relay.received("error") == 0
+
+
 # --- aiosmtpd's dispatch tables ---------------------------------------------------------------
 
 
@@ -830,6 +849,42 @@ async def test_short_dir_listing_gives_aiosmtpd_the_same_tables(tmp_path: Path) 
     hooks = {n[7:] for n in object.__dir__(handler) if n.startswith("handle_")}
     assert set(session._handle_hooks) == hooks
     assert {"DATA", "EHLO", "MAIL", "RCPT", "exception"} <= hooks
+
+
+def reference_getaddr(arg: str) -> tuple[str | None, str | None]:
+    """aiosmtpd 1.4's SMTP._getaddr, as it parses (without its local-part limit), but with
+    the IndexError Python's parser raises on a lone "<" taken as a syntax error too."""
+    if not arg:
+        return "", ""
+    try:
+        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+        address, rest = parse(arg)
+    except (HeaderParseError, IndexError):
+        return None, None
+    return address.addr_spec, rest
+
+
+ADDRESS_PARTS = st.sampled_from(
+    ["<", ">", "a", "B.c", "x+y", "@", ".", "..", "example.com", "[1.2.3.4]", " ", "\t",
+     "SIZE=5120", "(c)", '"q r"', "-", "é", ":", ",", "BODY=8BITMIME"]
+)  # fmt: skip
+
+
+@settings(max_examples=500)
+@given(st.lists(ADDRESS_PARTS, max_size=9).map("".join))
+def test_address_fast_path_parses_like_aiosmtpd(arg: str) -> None:
+    ours = RelaySMTP._getaddr(SimpleNamespace(local_part_limit=0), arg)  # type: ignore[arg-type]
+    assert ours == reference_getaddr(arg)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    ["<scan@contoso.com>", "<scan@contoso.com> SIZE=5120", "<a.b+c@x-y.example>\tBODY=8BITMIME"],
+)
+def test_address_fast_path_takes_what_devices_send(arg: str) -> None:
+    assert ingress_module._SIMPLE_ANGLE_ADDR.match(arg)
+    ours = RelaySMTP._getaddr(SimpleNamespace(local_part_limit=0), arg)  # type: ignore[arg-type]
+    assert ours == reference_getaddr(arg)
 
 
 # --- large messages: the body goes to a file while it arrives (issue #8) -----------------------
