@@ -152,16 +152,15 @@ def normalize_message(
     ctx = _Ctx(smtputf8=smtputf8)
     data = _fix_line_ends(bytes(raw), ctx.changes)
     top = _parse_entity(data)
-    had_fields = bool(top.fields)
-    if top.sep == b"" and (top.body or not had_fields):
-        top.sep, top.dirty = CRLF, True
-        if top.body:
-            ctx.changes.append("inserted blank line between header and body")
-    _remove_bcc(top, ctx)
-    _add_missing(
-        top, ctx, sender=envelope_from, hostname=hostname, now=now, id_domain=message_id_domain
+    _fix_top(
+        top,
+        ctx,
+        body_follows=bool(top.body),
+        envelope_from=envelope_from,
+        hostname=hostname,
+        now=now,
+        id_domain=message_id_domain,
     )
-    _fix_headers(top, ctx, "")
     ctx.long_lines = _has_long_line(top.body)
     if ctx.long_lines or not top.body.isascii():
         _fix_body(top, ctx, "", 0)
@@ -190,21 +189,41 @@ def normalize_head(
     bytes. `data` is the new header block, or `head` itself when nothing changed."""
     ctx = _Ctx(smtputf8=smtputf8)
     top = _parse_entity(head)
-    if top.sep == b"" and (body_follows or not top.fields):
-        top.sep, top.dirty = CRLF, True
-        if body_follows:
-            ctx.changes.append("inserted blank line between header and body")
-    _remove_bcc(top, ctx)
-    _add_missing(
-        top, ctx, sender=envelope_from, hostname=hostname, now=now, id_domain=message_id_domain
+    _fix_top(
+        top,
+        ctx,
+        body_follows=body_follows,
+        envelope_from=envelope_from,
+        hostname=hostname,
+        now=now,
+        id_domain=message_id_domain,
     )
-    _fix_headers(top, ctx, "")
     return Normalized(
         data=top.to_bytes() if top.dirty else head,
         changes=tuple(ctx.changes),
         eightbit=False,
         needs_smtputf8=ctx.needs_smtputf8,
     )
+
+
+def _fix_top(
+    top: _Entity,
+    ctx: _Ctx,
+    *,
+    body_follows: bool,
+    envelope_from: str,
+    hostname: str,
+    now: datetime,
+    id_domain: str | None,
+) -> None:
+    """Rules 2 to 6 on the top-level header block."""
+    if top.sep == b"" and (body_follows or not top.fields):
+        top.sep, top.dirty = CRLF, True
+        if body_follows:
+            ctx.changes.append("inserted blank line between header and body")
+    _remove_bcc(top, ctx)
+    _add_missing(top, ctx, sender=envelope_from, hostname=hostname, now=now, id_domain=id_domain)
+    _fix_headers(top, ctx, "")
 
 
 def header_length(window: bytes, *, whole: bool) -> int | None:

@@ -44,7 +44,7 @@ from relay.errors import SpoolError
 from relay.ingress import Ingress, IngressLimits, Listener, RelayHandler, RelaySMTP, SessionRegistry
 from relay.metrics import Metrics
 from relay.model import QueueEntry, Recipient
-from relay.normalize import normalize_message
+from relay.normalize import Normalized, normalize_message
 from relay.policy import Network
 from relay.spool import Spool, State, new_queue_id, valid_queue_id
 from tests.relayproc import strip_trace
@@ -900,6 +900,14 @@ def scan_body(lines: int = 2000, *, head: bytes = WELL_FORMED, line: bytes = b"Q
     return body + b"\r\n".join(rows) + b"\r\n"
 
 
+def normalised(body: bytes) -> Normalized:
+    """What the relay should store for `body` from scanner@example.com (small or large)."""
+    now = datetime.fromtimestamp(NOW, UTC)
+    return normalize_message(
+        body, envelope_from="scanner@example.com", hostname=HOSTNAME, now=now, smtputf8=False
+    )
+
+
 def received_files(relay: Relay) -> list[Path]:
     return sorted((relay.spool.root / "tmp").glob("*.recv"))
 
@@ -949,10 +957,7 @@ async def test_large_body_with_header_fixes_keeps_its_body_byte_for_byte(
     reply = await send(relay, body)
     entry, stored = relay.only_message()
     assert reply == str(replies.queued(entry.queue_id))
-    expected = normalize_message(
-        body, envelope_from="scanner@example.com", hostname=HOSTNAME,
-        now=datetime.fromtimestamp(NOW, UTC), smtputf8=False,
-    ).data  # fmt: skip
+    expected = normalised(body).data
     mid = re.compile(rb"Message-ID: <[^>]+>")
     assert mid.sub(b"<id>", stored) == mid.sub(b"<id>", expected)
     assert b"Bcc" not in stored
@@ -976,10 +981,7 @@ async def test_large_body_that_needs_fixing_is_normalised_like_a_small_one(
     reply = await send(relay, body)
     entry, stored = relay.only_message()
     assert reply == str(replies.queued(entry.queue_id))
-    expected = normalize_message(
-        body, envelope_from="scanner@example.com", hostname=HOSTNAME,
-        now=datetime.fromtimestamp(NOW, UTC), smtputf8=False,
-    )  # fmt: skip
+    expected = normalised(body)
     assert expected.data != body or quirk == b"caf\xc3\xa9"
     assert stored == expected.data
     assert entry.eightbit == expected.eightbit
