@@ -6,6 +6,7 @@ line, a log pattern, a spool state. Nothing sleeps blindly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -227,10 +228,21 @@ def spool_state(spool: Path, queue_id: str) -> str | None:
     return None
 
 
-def spool_meta(spool: Path, queue_id: str) -> dict[str, Any]:
-    state = spool_state(spool, queue_id)
-    assert state is not None, f"{queue_id} is not in the spool"
-    return json.loads((spool / state / f"{queue_id}.json").read_text(encoding="utf-8"))
+def spool_meta(spool: Path, queue_id: str, within: float = 5.0) -> dict[str, Any]:
+    """A message's metadata, wherever it is. The daemon may rename it between two reads (a
+    claim, a pause that ends), so a pass that misses it looks again, for `within` seconds."""
+    states = ("incoming", "active", "deferred", "failed", "hold", "corrupt")
+
+    def read() -> dict[str, Any] | None:
+        for state in states:
+            with contextlib.suppress(FileNotFoundError):
+                path = spool / state / f"{queue_id}.json"
+                loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+                return loaded
+        return None
+
+    meta: dict[str, Any] = wait_until(read, within, f"{queue_id} in the spool", interval=0.005)
+    return meta
 
 
 TRACE = re.compile(
