@@ -558,6 +558,11 @@ class RelayHandler:
         prepared: Prepared,
     ) -> str:
         queue_id = receipt.queue_id
+        if isinstance(server, RelaySMTP) and server.ending:
+            # aiosmtpd goes on through commands already buffered after it closed the session
+            # (its 502 goodbye): no reply could reach the client, so nothing is accepted
+            log.info("session already closed: the message was not accepted")
+            return str(replies.TEMPORARY_FAILURE)
         normalized = prepared.normalized
         for change in normalized.changes:
             log.info("normalised: %s", change, extra={"queue_id": queue_id})
@@ -1073,6 +1078,12 @@ class RelaySMTP(SMTP):
                 await self.push(str(replies.BYE))
                 return
             await self.push(str(replies.REFUSED_SESSION))
+
+    @property
+    def ending(self) -> bool:
+        """The session is closed or closing: no further reply can reach the client."""
+        transport = self.transport
+        return transport is None or transport.is_closing() or self._eof_sent or self._closing
 
     @property
     def idle(self) -> bool:

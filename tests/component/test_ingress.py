@@ -830,6 +830,25 @@ async def test_a_lone_angle_bracket_is_a_syntax_error_not_a_server_error(
     assert relay.received("error") == 0
 
 
+async def test_a_transaction_pipelined_after_the_502_goodbye_is_not_accepted(
+    start_relay: StartRelay, open_raw: OpenRaw
+) -> None:
+    """aiosmtpd closes the session after too many unknown commands but goes on through what
+    is already buffered: a message there must not be spooled, since its 250 cannot be sent
+    (found by test_fuzz_ingress once normalising a small body stopped yielding to the loop)."""
+    relay = await start_relay()
+    raw = await greeted(open_raw, relay)
+    transaction = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+    await off_loop(raw.send, b"XYZZY\r\n" * 12 + transaction + BODY + b".\r\nQUIT\r\n")
+    answer = (await off_loop(raw.rest)).decode()
+    assert "502 5.5.1 Too many unrecognized commands" in answer
+    assert "queued as" not in answer
+    reply = await send(relay, BODY)  # a new session: the relay has handled everything before
+    entry, _ = relay.only_message()
+    assert reply == str(replies.queued(entry.queue_id))
+    assert [e.queue_id for e in relay.committed] == [entry.queue_id]
+
+
 # --- aiosmtpd's dispatch tables ---------------------------------------------------------------
 
 
