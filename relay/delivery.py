@@ -429,10 +429,15 @@ class Delivery:
             self._pacer.release_message()
             await self._store_outcome(self._unsaved.pop(queue_id))
             return session
-        if not await self._spool_call(self._spool.claim, queue_id, state):
-            self._pacer.release_message()
-            return session  # gone: delivered, deleted or claimed by someone else
-        entry = await self._load_active(queue_id)
+        try:
+            entry = await self._spool_call(self._spool.claim_and_load, queue_id, state)
+        except (CorruptEntry, FileNotFoundError) as exc:  # claimed, then unreadable or gone
+            await self._unloadable(queue_id, exc)
+            entry = None
+        else:
+            if entry is None:
+                self._pacer.release_message()
+                return session  # gone: delivered, deleted or claimed by someone else
         if entry is not None and not self._accepts(entry.upstream):
             self._pacer.release_message()
             await self._give_back(entry)
@@ -479,12 +484,17 @@ class Delivery:
     async def _load_active(self, queue_id: str) -> QueueEntry | None:
         try:
             return await self._spool_call(self._spool.load, State.ACTIVE, queue_id)
-        except CorruptEntry as exc:
-            await self._spool_call(self._spool.quarantine, queue_id, State.ACTIVE, exc.reason)
-            self._metrics.quarantined.inc()
-        except FileNotFoundError:
-            log.warning("vanished from active/ while claimed", extra={"queue_id": queue_id})
+        except (CorruptEntry, FileNotFoundError) as exc:
+            await self._unloadable(queue_id, exc)
         return None
+
+    async def _unloadable(self, queue_id: str, error: CorruptEntry | FileNotFoundError) -> None:
+        """A claimed message whose metadata cannot be read (quarantined) or is gone."""
+        if isinstance(error, CorruptEntry):
+            await self._spool_call(self._spool.quarantine, queue_id, State.ACTIVE, error.reason)
+            self._metrics.quarantined.inc()
+        else:
+            log.warning("vanished from active/ while claimed", extra={"queue_id": queue_id})
 
     async def _session_failed(self, entry: QueueEntry, error: Exception) -> None:
         """The circuit breaker: no session could be had, which is never the message's fault.

@@ -374,6 +374,13 @@ class Spool:
         active/, where recovery counts it as in flight (a possible duplicate)."""
         return self.move(queue_id, src, State.ACTIVE)
 
+    def claim_and_load(self, queue_id: str, src: State) -> QueueEntry | None:
+        """`claim`, then `load` from active/ (one worker-thread hop for delivery): None when
+        someone else took it first; CorruptEntry or FileNotFoundError as `load`."""
+        if not self.claim(queue_id, src):
+            return None
+        return self.load(State.ACTIVE, queue_id)
+
     def save(self, entry: QueueEntry, src: State, dst: State) -> None:
         """Durably rewrite an entry's metadata in `src`, then move it to `dst`.
 

@@ -180,7 +180,9 @@ class ExchangeOnlineSession:
             else:
                 mail_from, head = await asyncio.to_thread(self._apply_policy, entry, start[:end])
                 content = (head, body, end)
-        if isinstance(body, bytes):
+        if isinstance(body, bytes) and self._policy is None:
+            mail_from, content = entry.mail_from, body
+        elif isinstance(body, bytes):
             mail_from, content = await asyncio.to_thread(self._apply_policy, entry, body)
         if entry.smtputf8 and not self._client.supports_extension("smtputf8"):
             return {address: (Stage.MAIL, NO_SMTPUTF8) for address in pending}
