@@ -3,14 +3,18 @@
 One job: keep the body of one DATA in memory up to `spill_at` bytes, and past that in a
 private file in the spool's tmp/ (the Received: line first), written in a worker thread a
 few hundred KiB at a time, so a session holds about `spill_at` bytes whatever the message
-size. Once the data is complete, `settle` turns a spilled body into the file to commit:
-when the body needs no normalising (CRLF only, ASCII, no line over 998, checked a window at
-a time) only the header block is normalised, from the file's first bytes, and the file is
-kept (or its body copied in the kernel behind a new header block); otherwise the message is
-normalised in memory like a small one, which callers should do one at a time.
+size. Once the data is complete, `inspect_spilled` and a `settle_*` function turn a spilled
+body into the file to commit: when the body needs no normalising (CRLF only, ASCII, no line
+over 998, checked a window at a time) only the header block is normalised, from the file's
+first bytes, and the file is kept (or its body copied in the kernel behind a new header
+block); otherwise the message is normalised in memory like a small one, which callers should
+do one at a time.
 
-Limits: the file is written but not fsynced here (the commit does that). A spilled file
-that is never committed is removed by `discard`, or by spool recovery at the next start.
+Limits: the file is written but not fsynced here (the commit does that through the same
+handle). Copying behind a new header block reads the data back through the page cache
+without an fsync first: a write-back error on it that is followed by eviction before the
+copy would go unseen. A spilled file that is never committed is removed by `discard`, or
+by spool recovery at the next start. Blocking calls: async callers use worker threads.
 """
 
 from __future__ import annotations
