@@ -752,8 +752,9 @@ def _qp_soft_wrap(line: bytes) -> bytes:
     out, pos = [], 0
     while len(line) - pos > B64_WIDTH:
         cut = pos + B64_WIDTH - 1
-        while cut > pos + 1 and b"=" in line[cut - 2 : cut]:  # never split "=XX"
-            cut -= 1
+        escape = line.rfind(b"=", max(pos + 1, cut - 2), cut)  # never split "=XX"
+        if escape >= 0:
+            cut = escape
         out.append(line[pos:cut] + b"=")
         pos = cut
     out.append(line[pos:])

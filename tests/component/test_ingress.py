@@ -824,9 +824,14 @@ async def test_a_lone_angle_bracket_is_a_syntax_error_not_a_server_error(
     raw = await greeted(open_raw, relay)
     answers = [
         (await off_loop(raw.command, command))[0][:3]
-        for command in (b"MAIL FROM:<\r\n", b"MAIL FROM:<a@b.c>\r\n", b"RCPT TO:<\r\n")
+        for command in (
+            b"MAIL FROM:<\r\n",
+            b"MAIL FROM:<a@b.c>\r\n",
+            b"RCPT TO:<\r\n",
+            b"RCPT TO:<=??q??=@example.com>\r\n",  # the parser fails late, on addr_spec
+        )
     ]
-    assert answers == ["553", "250", "553"]  # was 451 and a traceback in the log
+    assert answers == ["553", "250", "553", "553"]  # was 451 and a traceback in the log
     assert relay.received("error") == 0
 
 
@@ -878,20 +883,40 @@ def reference_getaddr(arg: str) -> tuple[str | None, str | None]:
     try:
         parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
         address, rest = parse(arg)
+        return address.addr_spec, rest
     except (HeaderParseError, IndexError):
         return None, None
-    return address.addr_spec, rest
 
 
 ADDRESS_PARTS = st.sampled_from(
     ["<", ">", "a", "B.c", "x+y", "@", ".", "..", "example.com", "[1.2.3.4]", " ", "\t",
-     "SIZE=5120", "(c)", '"q r"', "-", "é", ":", ",", "BODY=8BITMIME"]
+     "SIZE=5120", "(c)", '"q r"', "-", "é", ":", ",", "BODY=8BITMIME", "=?utf-8?q?j=C3=BCrgen?=",
+     "=?", "?=", "\x0b", "\xa0", "\r", "\u3000"]
 )  # fmt: skip
 
 
 @settings(max_examples=500)
 @given(st.lists(ADDRESS_PARTS, max_size=9).map("".join))
 def test_address_fast_path_parses_like_aiosmtpd(arg: str) -> None:
+    ours = RelaySMTP._getaddr(SimpleNamespace(local_part_limit=0), arg)  # type: ignore[arg-type]
+    assert ours == reference_getaddr(arg)
+
+
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "<=?utf-8?q?j=C3=BCrgen?=@contoso.com>",  # the email parser decodes it
+        "<=?utf-8?q?a=40evil.example?=@example.com>",
+        "<=??q??=@example.com>",
+        "<a@b.example> \x0bSIZE=1",  # whitespace the parser skips, besides SP and HTAB
+        "<a@b.example> \x0b(c)",
+        "<a@b.example>\t\r(c) SIZE=10",
+    ],
+)
+def test_address_fast_path_leaves_what_it_cannot_parse_alike_to_the_email_parser(
+    arg: str,
+) -> None:
+    assert not ingress_module._SIMPLE_ANGLE_ADDR.match(arg)
     ours = RelaySMTP._getaddr(SimpleNamespace(local_part_limit=0), arg)  # type: ignore[arg-type]
     assert ours == reference_getaddr(arg)
 
@@ -1161,6 +1186,27 @@ async def test_drain_closes_idle_sessions_and_lets_a_transaction_finish(
     assert body == BODY
     assert relay.committed == [entry]
     assert len(relay.ingress.sessions) == 0
+
+
+async def test_drain_takes_no_message_pipelined_after_the_one_that_finished(
+    start_relay: StartRelay, open_raw: OpenRaw
+) -> None:
+    """While draining, the session ends after its message: a second transaction the client
+    pipelined behind it gets no 250 and must not be spooled either."""
+    relay = await start_relay()
+    raw = await greeted(open_raw, relay)
+    await off_loop(raw.command, b"MAIL FROM:<a@example.com>\r\n")
+    drain = asyncio.create_task(relay.ingress.drain(IO_TIMEOUT))
+    await until(lambda: relay.ingress.handler.draining, "draining")
+    transaction = b"RCPT TO:<b@example.com>\r\nDATA\r\n" + BODY + b".\r\n"
+    second = b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" + BODY
+    await off_loop(raw.send, transaction + second + b".\r\nQUIT\r\n")
+    answer = (await off_loop(raw.rest)).decode()
+    await asyncio.wait_for(drain, IO_TIMEOUT)
+    assert answer.count("queued as") == 1, answer
+    entry, _ = relay.only_message()
+    assert f"queued as {entry.queue_id}" in answer
+    assert relay.committed == [entry]
 
 
 async def test_drain_grace_expiry_closes_an_unfinished_transaction(

@@ -672,3 +672,15 @@ def test_long_lines_are_found_window_by_window(lengths: list[int], window: int) 
         assert normalize._has_long_line(body) is naive
     finally:
         normalize.LONG_LINE_WINDOW = saved
+
+
+def test_a_long_line_of_raw_equals_signs_is_wrapped_in_full_lines() -> None:
+    """Invalid quoted-printable ('=' not followed by hex): each soft line still carries about
+    75 octets (the wrap once stepped back a byte at a time, down to one octet a line)."""
+    body = b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + b"=" * 1000 + b"\r\n"
+    top = DATE + b"Message-ID: <qp@contoso.com>\r\nFrom: a@contoso.com\r\n"
+    out = norm(top + body).data
+    wrapped = out.split(b"\r\n\r\n", 1)[1].split(b"\r\n")
+    assert all(len(line) <= 76 for line in wrapped)
+    assert len(wrapped) < 20
+    assert b"".join(line.removesuffix(b"=") for line in wrapped[:-2]) + wrapped[-2] == b"=" * 1000
