@@ -534,16 +534,14 @@ class RelayHandler:
         assert isinstance(spilled, Spilled)
         how = self._normalizing(envelope)
         try:
-            body_from = await asyncio.to_thread(
-                inspect_spilled, spilled, self.limits.max_header_size
-            )
-            if body_from == -1:
+            found = await asyncio.to_thread(inspect_spilled, spilled, self.limits.max_header_size)
+            if found.header_too_large:
                 return self._header_too_big(session)
-            if body_from is None:
+            if found.head is None:
                 async with self._whole_message:
                     settled = await asyncio.to_thread(settle_in_memory, spilled, how)
             else:
-                settled = await asyncio.to_thread(settle_header_only, spilled, body_from, how)
+                settled = await asyncio.to_thread(settle_header_only, spilled, found.head, how)
         except OSError:
             log.exception("could not read back the body", extra={"queue_id": receipt.queue_id})
             self._metrics.received.labels(result="error").inc()

@@ -176,27 +176,34 @@ class Normalizing:
     smtputf8: bool
 
 
-def inspect_spilled(spilled: Spilled, max_header_size: int) -> int | None:
-    """Where the body starts (offset in the data, after the head) when only the header block
-    needs normalising; None when the whole message must be normalised in memory; -1 when the
-    header block is over `max_header_size`. Reads the file once, a window at a time."""
+@dataclass(frozen=True)
+class Inspection:
+    """What one pass over a spilled message found."""
+
+    header_too_large: bool = False
+    head: bytes | None = None  # the header block, when only it needs normalising
+
+
+def inspect_spilled(spilled: Spilled, max_header_size: int) -> Inspection:
+    """Whether the header block is over `max_header_size`, and else the header block when
+    the body needs no normalising (`head` None: the whole message must be normalised in
+    memory). Reads the file once, a window at a time."""
     file = spilled.file
     file.seek(len(spilled.head))
     window = file.read(max_header_size + SCAN_WINDOW)
     if header_too_large(window, max_header_size):
-        return -1
+        return Inspection(header_too_large=True)
     data_size = spilled.size - len(spilled.head)
     body_from = header_length(window, whole=len(window) == data_size)
-    if body_from is None:
-        return None
-    return body_from if body_is_clean(_chunks(file, window), body_from=body_from) else None
+    if body_from is None or not body_is_clean(_chunks(file, window), body_from=body_from):
+        return Inspection()
+    return Inspection(head=window[:body_from])
 
 
-def settle_header_only(spilled: Spilled, body_from: int, how: Normalizing) -> Settled:
-    """Normalise the header block of a clean spilled message; keep its body as it is."""
-    file = spilled.file
-    file.seek(len(spilled.head))
-    head = file.read(body_from)
+def settle_header_only(spilled: Spilled, head: bytes, how: Normalizing) -> Settled:
+    """Normalise the header block `head` of a clean spilled message (as `inspect_spilled`
+    found it); keep its body as it is."""
+    body_from = len(head)
     data_size = spilled.size - len(spilled.head)
     normalized = normalize_head(
         head,
@@ -209,7 +216,7 @@ def settle_header_only(spilled: Spilled, body_from: int, how: Normalizing) -> Se
     settled = _kept(normalized)
     message_id = header_message_id(normalized.data)
     if normalized.data is head:
-        return Settled(BodyFile(spilled.path, file, spilled.size), settled, message_id)
+        return Settled(BodyFile(spilled.path, spilled.file, spilled.size), settled, message_id)
     start = len(spilled.head) + body_from
     body = _replace(spilled, (spilled.head, normalized.data), body_at=start)
     return Settled(body, settled, message_id)
