@@ -90,7 +90,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     given = os.environ.get("OAUTH_RELAY_WHEEL")
     if given:
         return Path(given)
-    if importlib.util.find_spec("build") is None:
+    spec = importlib.util.find_spec("build")
+    if spec is None or spec.origin is None:  # a build/ folder left by setuptools is no tool
         pytest.skip("the `build` module is not installed (pip install -e '.[dev]')")
     work = tmp_path_factory.mktemp("wheel")
     source = work / "src"
